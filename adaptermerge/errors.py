@@ -1,0 +1,47 @@
+"""Error and warning classes.
+
+Every error subclasses :class:`AdapterMergeError`; errors caused by the user's input are also
+:class:`ValueError`, so handlers written for peft and diffusers keep catching them.
+"""
+
+from __future__ import annotations
+
+
+class AdapterMergeError(Exception):
+    """Base class of every error raised by adaptermerge."""
+
+
+class AdapterFormatError(AdapterMergeError, ValueError):
+    """A file or state dict is not a readable adapter: unknown format, bad keys, empty or truncated."""
+
+
+class UnsafeFormatError(AdapterFormatError):
+    """A pickle checkpoint was given without ``allow_pickle=True`` (unpickling can run code)."""
+
+
+class InvalidTensorError(AdapterMergeError, ValueError):
+    """A tensor holds NaN or Inf, or has the wrong number of dimensions."""
+
+
+class IncompatibleAdaptersError(AdapterMergeError, ValueError):
+    """Adapters disagree on a module's shape or on the base model, or a method cannot take them."""
+
+
+class UnknownMethodError(AdapterMergeError, ValueError):
+    """No merge method is registered under the given name."""
+
+
+class InvalidParameterError(AdapterMergeError, ValueError):
+    """A method parameter or weight is out of range, or an unknown parameter was passed."""
+
+
+class OutputExistsError(AdapterMergeError, FileExistsError):
+    """The output path exists and ``overwrite`` was not set."""
+
+
+class NotFittedError(AdapterMergeError, ValueError, AttributeError):
+    """An estimator-like helper was used before ``fit``."""
+
+
+class AdapterMergeWarning(UserWarning):
+    """Warnings about input that was ignored, approximated or is likely a mistake."""

@@ -1,0 +1,76 @@
+"""Reading and writing adapters: PEFT folders, kohya/A1111 files and diffusers LoRA files.
+
+Each format module offers the same verbs: `detect`, `load`, `save`, and pure `from_state_dict`/`to_state_dict`
+converters. :func:`load_adapter` detects the format (or takes `format=`), resolves hub ids through
+huggingface_hub, and reads lazily; :func:`save_adapter` writes atomically.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..adapter import Adapter
+from ..errors import AdapterFormatError
+from ._detect import _HUB_ID, FORMATS, detect_format, format_module
+
+__all__ = ["FORMATS", "detect_format", "load_adapter", "resolve_path", "save_adapter"]
+
+
+def resolve_path(path_or_id: str | Path, *, allow_pickle: bool = False) -> Path:
+    """A local path for `path_or_id`: the path itself when it exists, else a hub snapshot of the repository.
+
+    Only adapter files are downloaded (`*.safetensors`, `*.json`, and pickles when `allow_pickle`).
+    """
+    path = Path(path_or_id)
+    if path.exists() or not _HUB_ID.match(str(path_or_id)):
+        return path
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    patterns = ["*.safetensors", "*.json"] + (["*.bin", "*.pt", "*.ckpt"] if allow_pickle else [])
+    try:
+        return Path(snapshot_download(str(path_or_id), allow_patterns=patterns))
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as err:
+        raise AdapterFormatError(f"{path_or_id}: not a local path, and the hub could not provide it ({err})") from None
+
+
+def load_adapter(
+    path: str | Path, *, format: str = "auto", allow_pickle: bool = False, name: str | None = None
+) -> Adapter:
+    """Read an adapter lazily from a local path or hub id.
+
+    Args:
+        path (`str` or `Path`): a PEFT folder, a `.safetensors` LoRA file, or a hub id.
+        format (`str`, defaults to `"auto"`): `"peft"`, `"kohya"`, `"diffusers"`, or `"auto"` to detect.
+        allow_pickle (`bool`, defaults to `False`): read `.bin`/`.pt`/`.ckpt` checkpoints (unpickling can run code).
+        name (`str`, *optional*): the adapter's name in tables and errors; the file or folder stem by default.
+
+    Raises:
+        AdapterFormatError: for unknown formats and unreadable, empty or truncated files.
+        UnsafeFormatError: for pickle checkpoints without `allow_pickle`.
+    """
+    local = resolve_path(path, allow_pickle=allow_pickle)
+    fmt = detect_format(local) if format == "auto" else format
+    adapter = format_module(fmt).load(local, allow_pickle=allow_pickle)
+    stem = local.stem if local.is_file() and local.name != "adapter_model.safetensors" else local.name
+    return Adapter(adapter.modules, adapter.metadata, name or stem or adapter.name)
+
+
+def save_adapter(
+    adapter: Adapter,
+    path: str | Path,
+    *,
+    format: str | None = None,
+    overwrite: bool = False,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Write an adapter atomically in `format` (the adapter's own format by default).
+
+    Raises:
+        OutputExistsError: when `path` exists and `overwrite` is false.
+        AdapterFormatError: for an unknown format or modules the format cannot express.
+    """
+    fmt = format or (adapter.metadata.format if adapter.metadata.format in FORMATS else "peft")
+    return format_module(fmt).save(adapter, path, overwrite=overwrite, dtype=dtype)

@@ -1,0 +1,65 @@
+"""Format detection: one entry point that asks each format module whether a path is its own."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from types import ModuleType
+
+from ..errors import AdapterFormatError
+from . import peft
+from ._source import PICKLE_SUFFIXES, SafetensorsSource
+
+# Order matters: a PEFT folder is recognised by its config before any key sniffing.
+FORMATS: dict[str, ModuleType] = {"peft": peft}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def format_module(name: str) -> ModuleType:
+    """The io module of format `name`.
+
+    Raises:
+        AdapterFormatError: listing the known formats.
+    """
+    try:
+        return FORMATS[name]
+    except KeyError:
+        raise AdapterFormatError(f"unknown adapter format {name!r}; choose one of: {', '.join(FORMATS)}") from None
+
+
+def _weights_candidates(folder: Path) -> list[Path]:
+    files = sorted(folder.glob("*.safetensors")) or sorted(p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    return files
+
+
+def detect_format(path: str | Path) -> str:
+    """The format of the adapter at `path` (a folder or a weights file).
+
+    Raises:
+        AdapterFormatError: when no format claims it, naming what was found.
+    """
+    path = Path(path)
+    if not path.exists():
+        hint = " (it looks like a hub id: is the network reachable?)" if _HUB_ID.match(str(path)) else ""
+        raise AdapterFormatError(f"{path}: no such file or folder{hint}")
+    if path.is_dir() and peft.detect(path, []):
+        return "peft"
+    files = _weights_candidates(path) if path.is_dir() else [path]
+    if len(files) != 1:
+        raise AdapterFormatError(
+            f"{path}: expected one adapter weights file in the folder, found {len(files)} "
+            f"({', '.join(p.name for p in files) or 'none'}); pass the file itself"
+        )
+    file = files[0]
+    if file.suffix in PICKLE_SUFFIXES:
+        raise AdapterFormatError(
+            f"{file}: pickle checkpoints carry no format marker; convert it to safetensors first"
+        )
+    keys = SafetensorsSource(file).keys()
+    for name, module in FORMATS.items():
+        if module.detect(file, keys):
+            return name
+    shown = ", ".join(keys[:3]) or "no tensors"
+    raise AdapterFormatError(
+        f"{file}: not a LoRA file of a known format ({', '.join(FORMATS)}); its first keys are: {shown}"
+    )

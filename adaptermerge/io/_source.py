@@ -1,0 +1,201 @@
+"""Where tensors come from: a lazily opened safetensors file, an in-memory state dict, or an opted-in pickle.
+
+Every format module reads through a :class:`TensorSource`, and :class:`LazyModules` turns the key pairs a
+format found into :class:`~adaptermerge.lowrank.LowRank` objects only when a module is accessed, so a merge
+holds one module of each input at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from ..errors import AdapterFormatError, InvalidTensorError, UnsafeFormatError
+from ..lowrank import LowRank
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+}
+
+
+class TensorSource:
+    """A read-only set of named tensors with shapes known before data is read."""
+
+    name: str
+    metadata: Mapping[str, str]
+
+    def keys(self) -> list[str]:
+        raise NotImplementedError
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def dtype(self, key: str) -> torch.dtype:
+        raise NotImplementedError
+
+    def get(self, key: str) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class SafetensorsSource(TensorSource):
+    """A memory-mapped safetensors file; tensors are read on :meth:`get`."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.name = str(path)
+        path = Path(path)
+        if not path.is_file():
+            raise AdapterFormatError(f"{path}: no such file")
+        if path.stat().st_size == 0:
+            raise AdapterFormatError(f"{path}: the file is empty")
+        try:
+            self._file = safe_open(str(path), framework="pt")
+            self._keys = list(self._file.keys())
+        except (SafetensorError, OSError, ValueError) as err:
+            raise AdapterFormatError(
+                f"{path}: not a readable safetensors file ({err}); it may be truncated or another format"
+            ) from None
+        self.metadata = self._file.metadata() or {}
+
+    def keys(self) -> list[str]:
+        return self._keys
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._file.get_slice(key).get_shape())
+
+    def dtype(self, key: str) -> torch.dtype:
+        return _SAFETENSORS_DTYPES.get(self._file.get_slice(key).get_dtype(), torch.float32)
+
+    def get(self, key: str) -> torch.Tensor:
+        try:
+            return self._file.get_tensor(key)
+        except (SafetensorError, OSError) as err:
+            raise AdapterFormatError(f"{self.name}: cannot read tensor {key!r} ({err})") from None
+
+
+class DictSource(TensorSource):
+    """An in-memory state dict (what host libraries pass around)."""
+
+    def __init__(self, state_dict: Mapping[str, torch.Tensor], name: str = "<state dict>", metadata=None) -> None:
+        self.name = name
+        self._tensors = dict(state_dict)
+        self.metadata = dict(metadata or {})
+        for key, value in self._tensors.items():
+            if not isinstance(value, torch.Tensor):
+                raise AdapterFormatError(f"{name}: entry {key!r} is a {type(value).__name__}, not a tensor")
+
+    def keys(self) -> list[str]:
+        return list(self._tensors)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._tensors[key].shape)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._tensors[key].dtype
+
+    def get(self, key: str) -> torch.Tensor:
+        return self._tensors[key]
+
+
+def open_source(path: str | Path, *, allow_pickle: bool = False) -> TensorSource:
+    """Open a weights file: safetensors lazily, a pickle checkpoint only when `allow_pickle` is set.
+
+    Raises:
+        UnsafeFormatError: for `.bin`/`.pt`/`.pth`/`.ckpt` without `allow_pickle` (unpickling can run code).
+        AdapterFormatError: for a missing, empty, truncated or unreadable file.
+    """
+    path = Path(path)
+    if path.suffix in PICKLE_SUFFIXES:
+        if not allow_pickle:
+            raise UnsafeFormatError(
+                f"{path}: refusing to read a pickle checkpoint, since unpickling can run arbitrary code. Convert it "
+                "to safetensors, or pass allow_pickle=True (CLI: --allow-pickle) if you trust its origin."
+            )
+        if not path.is_file() or path.stat().st_size == 0:
+            raise AdapterFormatError(f"{path}: the file is missing or empty")
+        try:
+            state_dict = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # torch raises many types for corrupt pickles
+            raise AdapterFormatError(f"{path}: cannot read the pickle checkpoint ({err})") from None
+        if not isinstance(state_dict, Mapping):
+            raise AdapterFormatError(f"{path}: the checkpoint holds a {type(state_dict).__name__}, not a state dict")
+        return DictSource(state_dict, name=str(path))
+    return SafetensorsSource(path)
+
+
+@dataclass(frozen=True)
+class ModuleEntry:
+    """Where one module's factors live in a source, and the scale to fold into `B`."""
+
+    down_key: str
+    up_key: str
+    scale: float = 1.0
+    magnitude_key: str | None = None
+
+
+class LazyModules(Mapping[str, LowRank]):
+    """Module name → LowRank, read from the source on access and checked for NaN/Inf then.
+
+    Shapes are validated from the header when the mapping is built, so mismatched factors fail before any
+    merge starts, and :meth:`shape_of` answers without reading tensor data.
+    """
+
+    def __init__(self, source: TensorSource, entries: Mapping[str, ModuleEntry]) -> None:
+        self.source = source
+        self.entries = dict(entries)
+        self._shapes = {name: self._check_shapes(name, entry) for name, entry in self.entries.items()}
+
+    def _check_shapes(self, name: str, entry: ModuleEntry) -> tuple[int, ...]:
+        down, up = self.source.shape(entry.down_key), self.source.shape(entry.up_key)
+        if len(down) not in (2, 4) or len(up) != len(down) or up[1] != down[0] or any(s != 1 for s in up[2:]):
+            raise AdapterFormatError(
+                f"{self.source.name}: module {name!r} has factors of shapes {down} (down/A) and {up} (up/B), "
+                "which do not form a LoRA pair (A: (r, in[, kh, kw]), B: (out, r[, 1, 1]))"
+            )
+        in_flat = down[1] * (down[2] * down[3] if len(down) == 4 else 1)
+        return (up[0], in_flat, *down[2:])
+
+    def shape_of(self, name: str) -> tuple[int, ...]:
+        return self._shapes[name]
+
+    def rank_of(self, name: str) -> int:
+        return self.source.shape(self.entries[name].down_key)[0]
+
+    def dtype_of(self, name: str) -> torch.dtype:
+        return self.source.dtype(self.entries[name].down_key)
+
+    def __getitem__(self, name: str) -> LowRank:
+        entry = self.entries[name]
+        lowrank = LowRank.from_weights(self.source.get(entry.down_key), self.source.get(entry.up_key), entry.scale)
+        if entry.magnitude_key is not None:
+            magnitude = self.source.get(entry.magnitude_key).reshape(-1)
+            lowrank = LowRank(lowrank.A, lowrank.B, lowrank.kernel_size, magnitude)
+        try:
+            lowrank.check_finite()
+        except InvalidTensorError as err:
+            raise InvalidTensorError(f"{self.source.name}: module {name!r}: {err}") from None
+        return lowrank
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.entries)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.entries
+
+
+def take_unused(keys: list[str], used: set[str], source: TensorSource, what: str) -> None:
+    """Fail loudly, as diffusers' converters do, when a format parser left keys it did not understand."""
+    left = [k for k in keys if k not in used]
+    if left:
+        shown = ", ".join(left[:5]) + (f" and {len(left) - 5} more" if len(left) > 5 else "")
+        raise AdapterFormatError(f"{source.name}: keys that are not {what} LoRA weights: {shown}")

@@ -1,0 +1,244 @@
+"""Factor math for one adapted module, never building the ``out × in`` update.
+
+A :class:`LowRank` holds ``A`` of shape ``(r, in)`` and ``B`` of shape ``(out, r)`` in peft's orientation and
+stands for the update ``ΔW = B @ A``. The adapter's scale (``alpha / r``, or ``alpha / sqrt(r)`` for rsLoRA) is
+always folded into ``B`` when a file is read, so every method sees plain products and writers emit ``alpha = r``.
+Conv LoRAs keep their kernel size and store ``A`` flattened to ``(r, in * kh * kw)``.
+
+All decompositions run in float64 (as the papers' reference code does) and results are cast back.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import torch
+
+from .errors import IncompatibleAdaptersError, InvalidTensorError
+
+__all__ = ["LowRank", "concat", "cosine", "gram", "inner", "norm", "orthonormal_bases", "svd", "truncate"]
+
+COMPUTE_DTYPE = torch.float64
+
+
+@dataclass(frozen=True)
+class LowRank:
+    """The update ``ΔW = B @ A`` of one module, scale folded into ``B``.
+
+    Args:
+        A (`torch.Tensor` of shape `(r, in)`): the input-side factor (peft `lora_A`, kohya `lora_down`).
+        B (`torch.Tensor` of shape `(out, r)`): the output-side factor (peft `lora_B`, kohya `lora_up`).
+        kernel_size (`tuple[int, ...]`, *optional*): the conv kernel size; `A` then holds `in * prod(kernel_size)`
+            columns in the order of a flattened `(in, kh, kw)` kernel.
+        magnitude (`torch.Tensor` of shape `(out,)`, *optional*): DoRA's magnitude vector, kept for writers and
+            DoRA-aware merges; plain methods refuse modules that carry one.
+    """
+
+    A: torch.Tensor
+    B: torch.Tensor
+    kernel_size: tuple[int, ...] = ()
+    magnitude: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.A.ndim != 2 or self.B.ndim != 2:
+            raise InvalidTensorError(
+                f"LowRank factors must be 2-D (A: (r, in), B: (out, r)); got A {tuple(self.A.shape)}, "
+                f"B {tuple(self.B.shape)}. Use LowRank.from_weights for conv kernels."
+            )
+        if self.A.shape[0] != self.B.shape[1]:
+            raise InvalidTensorError(
+                f"A has {self.A.shape[0]} rows but B has {self.B.shape[1]} columns; they must share the rank."
+            )
+        if self.kernel_size and self.A.shape[1] % math.prod(self.kernel_size):
+            raise InvalidTensorError(f"A's {self.A.shape[1]} columns do not divide by kernel size {self.kernel_size}.")
+
+    @classmethod
+    def from_weights(cls, down: torch.Tensor, up: torch.Tensor, scale: float = 1.0) -> LowRank:
+        """Build from weights as stored in files: Linear `(r, in)`/`(out, r)` or conv `(r, in, kh, kw)`/`(out, r, 1, 1)`.
+
+        Raises:
+            InvalidTensorError: when the shapes are not a LoRA pair.
+        """
+        kernel_size: tuple[int, ...] = ()
+        if down.ndim > 2:
+            kernel_size = tuple(down.shape[2:])
+            down = down.reshape(down.shape[0], -1)
+        if up.ndim > 2:
+            if any(s != 1 for s in up.shape[2:]):
+                raise InvalidTensorError(f"conv lora_B must have a 1×1 kernel; got shape {tuple(up.shape)}.")
+            up = up.reshape(up.shape[0], up.shape[1])
+        if scale != 1.0:
+            up = up * scale
+        return cls(down, up, kernel_size)
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        """Columns of the flattened update (`in * kh * kw` for convs)."""
+        return self.A.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.B.shape[0]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """Shape of the flattened update, `(out, in)`."""
+        return (self.out_features, self.in_features)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.A.dtype
+
+    @property
+    def num_parameters(self) -> int:
+        return self.A.numel() + self.B.numel()
+
+    def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The factors in file layout: `(down, up)`, conv kernels restored."""
+        if not self.kernel_size:
+            return self.A, self.B
+        in_channels = self.in_features // math.prod(self.kernel_size)
+        return (
+            self.A.reshape(self.rank, in_channels, *self.kernel_size),
+            self.B.reshape(self.out_features, self.rank, *([1] * len(self.kernel_size))),
+        )
+
+    def scale(self, weight: float) -> LowRank:
+        """The update times `weight` (folded into `B`)."""
+        return replace(self, B=self.B * weight)
+
+    def to(self, dtype: torch.dtype) -> LowRank:
+        magnitude = None if self.magnitude is None else self.magnitude.to(dtype)
+        return replace(self, A=self.A.to(dtype), B=self.B.to(dtype), magnitude=magnitude)
+
+    def to_dense(self) -> torch.Tensor:
+        """The full `(out, in)` update. For tests and small checks only: merges never call it."""
+        return self.B.to(COMPUTE_DTYPE) @ self.A.to(COMPUTE_DTYPE)
+
+    def check_finite(self) -> None:
+        """Raise :class:`InvalidTensorError` if a factor holds NaN or Inf."""
+        for name, tensor in (("A", self.A), ("B", self.B)):
+            if not torch.isfinite(tensor).all():
+                raise InvalidTensorError(f"factor {name} holds NaN or Inf values")
+
+
+def _check_same_shape(lowranks: Sequence[LowRank]) -> None:
+    if not lowranks:
+        raise IncompatibleAdaptersError("nothing to combine: the list of low-rank updates is empty")
+    first = lowranks[0]
+    for other in lowranks[1:]:
+        if other.shape != first.shape or other.kernel_size != first.kernel_size:
+            raise IncompatibleAdaptersError(
+                f"updates of one module must have the same shape; got {first.shape} (kernel {first.kernel_size}) "
+                f"and {other.shape} (kernel {other.kernel_size})"
+            )
+
+
+def concat(lowranks: Sequence[LowRank], weights: Sequence[float] | None = None) -> LowRank:
+    """The exact weighted sum `Σ w_t B_t A_t` as one LowRank of rank `Σ r_t` (peft's `cat`).
+
+    Raises:
+        IncompatibleAdaptersError: when the updates have different shapes.
+    """
+    _check_same_shape(lowranks)
+    weights = [1.0] * len(lowranks) if weights is None else list(weights)
+    if len(weights) != len(lowranks):
+        raise IncompatibleAdaptersError(f"got {len(weights)} weights for {len(lowranks)} updates")
+    dtype = torch.promote_types(lowranks[0].dtype, torch.float32)
+    A = torch.cat([lr.A.to(dtype) for lr in lowranks], dim=0)
+    B = torch.cat([lr.B.to(dtype) * w for lr, w in zip(lowranks, weights)], dim=1)
+    return LowRank(A, B, lowranks[0].kernel_size)
+
+
+def svd(lowrank: LowRank) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD `ΔW = U diag(S) Vh` from the factors, in float64.
+
+    QR of `B` and of `Aᵀ` reduces the problem to an SVD of the `r × r` core `R_B R_Aᵀ`, so the cost is
+    `O((out + in) r²)` instead of `O(out · in · min(out, in))`.
+
+    Returns:
+        `(U, S, Vh)` of shapes `(out, k)`, `(k,)`, `(k, in)` with `k = min(r, out, in)`, singular values
+        descending.
+    """
+    Qb, Rb = torch.linalg.qr(lowrank.B.to(COMPUTE_DTYPE))
+    Qa, Ra = torch.linalg.qr(lowrank.A.to(COMPUTE_DTYPE).T)
+    U, S, Vh = torch.linalg.svd(Rb @ Ra.T, full_matrices=False)
+    return Qb @ U, S, Vh @ Qa.T
+
+
+def truncate(lowrank: LowRank, rank: int | None = None, *, rtol: float = 0.0) -> LowRank:
+    """The best rank-`rank` approximation of the update (Eckart–Young), factors balanced by `sqrt(S)`.
+
+    Args:
+        rank (`int`, *optional*): the number of singular triples to keep; all of them by default.
+        rtol (`float`, defaults to `0.0`): also drop singular values below `rtol * S.max()`.
+    """
+    U, S, Vh = svd(lowrank)
+    keep = S.numel() if rank is None else min(rank, S.numel())
+    if rtol > 0 and S.numel():
+        keep = min(keep, int((S > rtol * S[0]).sum()))
+    root = S[:keep].sqrt()
+    dtype = lowrank.dtype if lowrank.dtype.is_floating_point else torch.float32
+    A = (root[:, None] * Vh[:keep]).to(dtype)
+    B = (U[:, :keep] * root).to(dtype)
+    return replace(lowrank, A=A, B=B)
+
+
+def inner(x: LowRank, y: LowRank) -> torch.Tensor:
+    """Frobenius inner product `<B_x A_x, B_y A_y> = tr((B_xᵀ B_y)(A_y A_xᵀ))` through `r × r` products."""
+    _check_same_shape([x, y])
+    bx, ax, by, ay = (t.to(COMPUTE_DTYPE) for t in (x.B, x.A, y.B, y.A))
+    return ((bx.T @ by) * (ax @ ay.T)).sum()
+
+
+def norm(x: LowRank) -> torch.Tensor:
+    """Frobenius norm of the update."""
+    return inner(x, x).clamp_min(0).sqrt()
+
+
+def cosine(x: LowRank, y: LowRank) -> torch.Tensor:
+    """Cosine similarity of two updates (0 when either is zero)."""
+    denominator = norm(x) * norm(y)
+    return inner(x, y) / denominator if denominator > 0 else torch.zeros((), dtype=COMPUTE_DTYPE)
+
+
+def gram(lowranks: Sequence[LowRank]) -> torch.Tensor:
+    """The `T × T` Gram matrix of Frobenius inner products of the updates, in float64."""
+    _check_same_shape(lowranks)
+    T = len(lowranks)
+    G = torch.empty(T, T, dtype=COMPUTE_DTYPE)
+    for i in range(T):
+        for j in range(i, T):
+            G[i, j] = G[j, i] = inner(lowranks[i], lowranks[j])
+    return G
+
+
+def _sign_fixed_svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left singular vectors and values, each vector's largest-magnitude entry made positive."""
+    U, S, _ = torch.linalg.svd(matrix, full_matrices=False)
+    idx = U.abs().argmax(dim=0)
+    signs = torch.sign(U[idx, torch.arange(U.shape[1])])
+    signs[signs == 0] = 1
+    return U * signs, S
+
+
+def orthonormal_bases(lowranks: Sequence[LowRank]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Core-space bases: thin-SVD bases of the stacked `B` columns and of the stacked `A` rows.
+
+    Returns:
+        `(U_B, U_A)` with `U_B` of shape `(out, min(out, R))` and `U_A` of shape `(in, min(in, R))`, float64,
+        orthonormal columns, with a fixed sign convention (largest-|entry| of each vector positive) so that
+        basis-dependent methods (TIES, DARE) are reproducible.
+    """
+    _check_same_shape(lowranks)
+    B_cat = torch.cat([lr.B.to(COMPUTE_DTYPE) for lr in lowranks], dim=1)
+    A_stk = torch.cat([lr.A.to(COMPUTE_DTYPE) for lr in lowranks], dim=0)
+    U_B, _ = _sign_fixed_svd(B_cat)
+    U_A, _ = _sign_fixed_svd(A_stk.T)
+    return U_B, U_A

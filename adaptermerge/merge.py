@@ -1,0 +1,126 @@
+"""`merge_adapters`: read adapters, merge them module by module with a registered method, return an adapter.
+
+Inputs stay lazy: each module is read from every input, merged, and released before the next, so memory holds
+the output plus one module of each input. Factors are computed in at least float32 and the output keeps the
+first input's dtype unless `dtype` says otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .adapter import Adapter, AdapterMetadata, check_compatible, module_union
+from .errors import IncompatibleAdaptersError
+from .io import load_adapter
+from .lowrank import truncate
+from .methods import get_method
+from .weights import Weight, check_weights, module_weight
+
+__all__ = ["load_adapters", "merge_adapters"]
+
+logger = logging.getLogger(__name__)
+AdapterLike = Adapter | str | Path
+
+
+def load_adapters(adapters: Sequence[AdapterLike], *, allow_pickle: bool = False) -> list[Adapter]:
+    """Adapters as objects: paths and hub ids are read lazily, names made unique for tables and errors."""
+    if not adapters:
+        raise IncompatibleAdaptersError("no adapters given; pass at least one path, hub id or Adapter")
+    loaded = [a if isinstance(a, Adapter) else load_adapter(a, allow_pickle=allow_pickle) for a in adapters]
+    seen: dict[str, int] = {}
+    unique = []
+    for adapter in loaded:
+        count = seen[adapter.name] = seen.get(adapter.name, 0) + 1
+        unique.append(adapter if count == 1 else dataclasses.replace(adapter, name=f"{adapter.name}_{count}"))
+    return unique
+
+
+def merge_adapters(
+    adapters: Sequence[AdapterLike],
+    weights: Sequence[Weight] | None = None,
+    method: str = "linear",
+    *,
+    rank: int | None = None,
+    dtype: torch.dtype | None = None,
+    adapter_name: str = "merged",
+    allow_pickle: bool = False,
+    progressbar: bool = False,
+    **params: Any,
+) -> Adapter:
+    """Merge adapters into one, on their low-rank factors.
+
+    Args:
+        adapters (`list` of `Adapter`, paths or hub ids): the adapters to merge, all of one base model.
+        weights (`list[float]`, *optional*): one weight per adapter, 1.0 each by default.
+        method (`str`, defaults to `"linear"`): a registered method name (see `adaptermerge methods`).
+        rank (`int`, *optional*): the output rank per module. Methods with a `rank` parameter use it; for the
+            others the result is truncated by a low-rank SVD.
+        dtype (`torch.dtype`, *optional*): the output dtype; the first adapter's by default.
+        adapter_name (`str`, defaults to `"merged"`): the name of the result.
+        allow_pickle (`bool`, defaults to `False`): allow reading pickle checkpoints.
+        progressbar (`bool`, defaults to `False`): show a progress bar over modules.
+        **params: the method's parameters (e.g. `density=0.5`, `majority_sign_method="total"`, `seed=0`).
+
+    Returns:
+        `Adapter`: the merged adapter, in memory; its metadata records the method, weights and parameters.
+
+    Raises:
+        UnknownMethodError: for an unregistered method.
+        InvalidParameterError: for unknown or out-of-range parameters or weights.
+        IncompatibleAdaptersError: for adapters of different base models or module shapes.
+    """
+    merge_method = get_method(method)
+    takes_rank = "rank" in merge_method.param_names
+    if takes_rank and rank is not None:
+        params = {**params, "rank": rank}
+    method_params = merge_method.make_params(params)
+    loaded = load_adapters(adapters, allow_pickle=allow_pickle)
+    weights = check_weights(weights, len(loaded))
+    if not merge_method.per_module:
+        return merge_method.fn(loaded, weights, method_params)
+
+    modules = module_union(loaded)
+    check_compatible(loaded, modules)
+    out_dtype = dtype or loaded[0].metadata.dtype
+    merged = {}
+    for module in tqdm(modules, desc=f"merging ({method})", unit="module", disable=not progressbar):
+        pairs = [(a, module_weight(w, module)) for a, w in zip(loaded, weights) if module in a]
+        pairs = [(a, w) for a, w in pairs if w != 0.0]
+        if not pairs:
+            continue
+        updates = []
+        for adapter, _ in pairs:
+            update = adapter[module]
+            if update.magnitude is not None:
+                raise IncompatibleAdaptersError(
+                    f"adapter {adapter.name!r}, module {module!r} is a DoRA module; method {method!r} merges plain "
+                    "LoRA updates only"
+                )
+            updates.append(update.to(torch.promote_types(update.dtype, torch.float32)))
+        result = merge_method.fn(updates, [w for _, w in pairs], method_params)
+        if rank is not None and not takes_rank and result.rank > rank:
+            result = truncate(result, rank)
+        merged[module] = result.to(out_dtype)
+    provenance = {
+        "method": method,
+        "params": dataclasses.asdict(method_params),
+        "weights": list(weights),
+        "rank": rank,
+        "sources": [a.metadata.source or a.name for a in loaded],
+    }
+    first = loaded[0].metadata
+    metadata = AdapterMetadata(
+        base_model=first.base_model,
+        format=first.format,
+        source=None,
+        dtype=out_dtype,
+        extra={**first.extra, "provenance": provenance},
+    )
+    return Adapter(merged, metadata, adapter_name)
