@@ -1,0 +1,175 @@
+"""The single-adapter verbs: `merge`, `inspect`, `convert` and `methods`."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from ..io import load_adapter, save_adapter
+from ..lowrank import norm
+from ..merge import merge_adapters
+from ..methods import list_methods
+from ._options import (
+    DTYPES,
+    allow_pickle_option,
+    dtype_option,
+    format_option,
+    method_options,
+    overwrite_option,
+    parse_weights,
+    pop_method_params,
+)
+
+
+def _quiet(ctx: click.Context) -> bool:
+    return bool(ctx.find_root().obj and ctx.find_root().obj.get("quiet"))
+
+
+@click.command()
+@click.argument("adapters", nargs=-1, required=True)
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Where to write the result.")
+@click.option(
+    "--method",
+    "-m",
+    default="linear",
+    help="Merge method; `adaptermerge methods` lists them. `linear` is the exact weighted sum.",
+)
+@click.option(
+    "--weights",
+    "-w",
+    default=None,
+    help="One weight per adapter, comma-separated (0.7,0.3), or a .json/.yaml file with a list; 1.0 each by default.",
+)
+@click.option("--rank", "-r", type=int, default=None, help="Output rank per module (low-rank SVD truncation).")
+@format_option
+@dtype_option
+@overwrite_option
+@allow_pickle_option
+@method_options
+@click.pass_context
+def merge(ctx: click.Context, adapters: tuple[str, ...], output: Path, method: str, weights: str | None, **kwargs):
+    """Merge ADAPTERS (PEFT folders, .safetensors LoRA files or hub ids) into one adapter at OUTPUT.
+
+    Everything happens on the low-rank factors: no base model is loaded and no full-size weight matrix is built.
+
+    \b
+    Examples:
+      adaptermerge merge a/ b/ -o ab/                              exact sum, rank = sum of ranks
+      adaptermerge merge a/ b/ -w 0.7,0.3 --rank 16 -o ab/         weighted, truncated to rank 16
+      adaptermerge merge a.safetensors b.safetensors -m ties --density 0.3 -o ab.safetensors
+    """
+    params = pop_method_params(kwargs)
+    start = time.perf_counter()
+    merged = merge_adapters(
+        list(adapters),
+        parse_weights(weights),
+        method,
+        rank=kwargs["rank"],
+        dtype=DTYPES[kwargs["dtype"]] if kwargs["dtype"] else None,
+        allow_pickle=kwargs["allow_pickle"],
+        progressbar=not _quiet(ctx),
+        **params,
+    )
+    path = save_adapter(merged, output, format=kwargs["output_format"], overwrite=kwargs["overwrite"])
+    if not _quiet(ctx):
+        ranks = sorted({lr.rank for lr in merged.values()})
+        click.echo(
+            f"Merged {len(adapters)} adapters with {method!r} into {path} "
+            f"({len(merged)} modules, rank {ranks[0] if len(ranks) == 1 else f'{ranks[0]}-{ranks[-1]}'}, "
+            f"{time.perf_counter() - start:.2f} s)"
+        )
+
+
+def describe(path: str, *, allow_pickle: bool = False) -> dict[str, Any]:
+    """What `inspect` reports about one adapter, as plain data."""
+    adapter = load_adapter(path, allow_pickle=allow_pickle)
+    modules = []
+    for name, lowrank in adapter.items():
+        scale_of = getattr(adapter.modules, "entries", {}).get(name)
+        modules.append(
+            {
+                "module": name,
+                "shape": list(lowrank.shape) + list(lowrank.kernel_size),
+                "rank": lowrank.rank,
+                "scale": scale_of.scale if scale_of else 1.0,
+                "parameters": lowrank.num_parameters,
+                "norm": float(norm(lowrank)),
+                "dora": lowrank.magnitude is not None,
+            }
+        )
+    return {
+        "path": str(path),
+        "format": adapter.metadata.format,
+        "base_model": adapter.metadata.base_model,
+        "dtype": str(adapter.metadata.dtype).removeprefix("torch."),
+        "modules": len(modules),
+        "parameters": sum(m["parameters"] for m in modules),
+        "ranks": sorted({m["rank"] for m in modules}),
+        "per_module": modules,
+    }
+
+
+@click.command()
+@click.argument("path")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for machines instead of a table.")
+@allow_pickle_option
+def inspect(path: str, as_json: bool, allow_pickle: bool) -> None:
+    """Show an adapter's format, base model, modules, ranks, scales, size and per-module update norms.
+
+    Norms are computed on the factors (Frobenius norm of scale·B·A), so this is fast even for large adapters.
+    """
+    info = describe(path, allow_pickle=allow_pickle)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    console = Console()
+    console.print(
+        f"[bold]{info['path']}[/bold]  format={info['format']}  base_model={info['base_model'] or '?'}  "
+        f"dtype={info['dtype']}  modules={info['modules']}  parameters={info['parameters']:,}  ranks={info['ranks']}"
+    )
+    table = Table("module", "shape", "rank", "scale", "alpha≡scale·r", "‖ΔW‖", "DoRA")
+    for m in info["per_module"]:
+        table.add_row(
+            m["module"],
+            "×".join(map(str, m["shape"])),
+            str(m["rank"]),
+            f"{m['scale']:.4g}",
+            f"{m['scale'] * m['rank']:.4g}",
+            f"{m['norm']:.4g}",
+            "yes" if m["dora"] else "",
+        )
+    console.print(table)
+
+
+@click.command()
+@click.argument("path")
+@click.option("--to", "to_format", type=click.Choice(["peft", "kohya", "diffusers"]), required=True, help="Target format.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Where to write the result.")
+@dtype_option
+@overwrite_option
+@allow_pickle_option
+def convert(path: str, to_format: str, output: Path, dtype: str | None, overwrite: bool, allow_pickle: bool) -> None:
+    """Convert the adapter at PATH to another format; every module's update is kept exactly."""
+    adapter = load_adapter(path, allow_pickle=allow_pickle)
+    written = save_adapter(
+        adapter, output, format=to_format, overwrite=overwrite, dtype=DTYPES[dtype] if dtype else None
+    )
+    click.echo(f"Wrote {written} ({to_format}, {len(adapter)} modules)")
+
+
+@click.command()
+def methods() -> None:
+    """List the merge methods with their parameters and papers."""
+    table = Table("method", "what it does", "parameters", "paper")
+    for method in list_methods():
+        table.add_row(method.name, method.summary, ", ".join(method.param_names) or "-", method.reference_url)
+    Console().print(table)
+
+
+COMMANDS = [merge, inspect, convert, methods]
