@@ -56,7 +56,7 @@ class LowRank:
 
     @classmethod
     def from_weights(cls, down: torch.Tensor, up: torch.Tensor, scale: float = 1.0) -> LowRank:
-        """Build from weights as stored in files: Linear `(r, in)`/`(out, r)` or conv `(r, in, kh, kw)`/`(out, r, 1, 1)`.
+        """Build from file-layout weights: `(r, in)`/`(out, r)`, or conv `(r, in, kh, kw)`/`(out, r, 1, 1)`.
 
         Raises:
             InvalidTensorError: when the shapes are not a LoRA pair.

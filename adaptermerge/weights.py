@@ -9,13 +9,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from numbers import Real
-from typing import Union
 
 from .errors import InvalidParameterError
 
 __all__ = ["Weight", "check_weights", "module_weight"]
 
-Weight = Union[float, int]
+Weight = float | int
 
 
 def check_weights(weights: Sequence[Weight] | None, n_adapters: int) -> list[Weight]:

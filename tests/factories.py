@@ -42,4 +42,3 @@ def make_adapter(
 def dense(adapter: Adapter) -> dict[str, torch.Tensor]:
     """Every module's dense update (tests only)."""
     return {name: lr.to_dense() for name, lr in adapter.items()}
-

@@ -149,7 +149,9 @@ def inspect(path: str, as_json: bool, allow_pickle: bool) -> None:
 
 @click.command()
 @click.argument("path")
-@click.option("--to", "to_format", type=click.Choice(["peft", "kohya", "diffusers"]), required=True, help="Target format.")
+@click.option(
+    "--to", "to_format", type=click.Choice(["peft", "kohya", "diffusers"]), required=True, help="Target format."
+)
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Where to write the result.")
 @dtype_option
 @overwrite_option

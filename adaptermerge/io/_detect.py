@@ -52,9 +52,7 @@ def detect_format(path: str | Path) -> str:
         )
     file = files[0]
     if file.suffix in PICKLE_SUFFIXES:
-        raise AdapterFormatError(
-            f"{file}: pickle checkpoints carry no format marker; convert it to safetensors first"
-        )
+        raise AdapterFormatError(f"{file}: pickle checkpoints carry no format marker; convert it to safetensors first")
     keys = SafetensorsSource(file).keys()
     for name, module in FORMATS.items():
         if module.detect(file, keys):

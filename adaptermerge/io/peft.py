@@ -83,7 +83,9 @@ def parse(source: TensorSource, config: Mapping[str, Any]) -> dict[str, ModuleEn
         if "down" not in roles or "up" not in roles:
             raise AdapterFormatError(f"{source.name}: module {name!r} has only one of lora_A/lora_B")
         rank = source.shape(roles["down"])[0]
-        entries[name] = ModuleEntry(roles["down"], roles["up"], module_scale(name, rank, config), roles.get("magnitude"))
+        entries[name] = ModuleEntry(
+            roles["down"], roles["up"], module_scale(name, rank, config), roles.get("magnitude")
+        )
     take_unused(keys, {k for roles in found.values() for k in roles.values()}, source, "PEFT")
     return entries
 
@@ -119,7 +121,9 @@ def load(path: str | Path, *, allow_pickle: bool = False) -> Adapter:
     return _adapter(open_source(weights, allow_pickle=allow_pickle), config, folder.name)
 
 
-def from_state_dict(state_dict: Mapping[str, torch.Tensor], config: Mapping[str, Any], name: str = "adapter") -> Adapter:
+def from_state_dict(
+    state_dict: Mapping[str, torch.Tensor], config: Mapping[str, Any], name: str = "adapter"
+) -> Adapter:
     """An adapter from an in-memory PEFT state dict and its config (as a dict)."""
     return _adapter(DictSource(state_dict, name=name), config, name)
 
