@@ -134,6 +134,7 @@ def inspect(path: str, as_json: bool, allow_pickle: bool) -> None:
         f"dtype={info['dtype']}  modules={info['modules']}  parameters={info['parameters']:,}  ranks={info['ranks']}"
     )
     table = Table("module", "shape", "rank", "scale", "alpha≡scale·r", "‖ΔW‖", "DoRA")
+    table.columns[0].no_wrap = True
     for m in info["per_module"]:
         table.add_row(
             m["module"],
