@@ -7,11 +7,11 @@ from pathlib import Path
 from types import ModuleType
 
 from ..errors import AdapterFormatError
-from . import peft
+from . import diffusers, kohya, peft
 from ._source import PICKLE_SUFFIXES, SafetensorsSource
 
 # Order matters: a PEFT folder is recognised by its config before any key sniffing.
-FORMATS: dict[str, ModuleType] = {"peft": peft}
+FORMATS: dict[str, ModuleType] = {"peft": peft, "diffusers": diffusers, "kohya": kohya}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 

@@ -1,0 +1,265 @@
+"""Tiny models built from config classes (no downloads), and random LoRA adapters for them.
+
+- :func:`tiny_sd_pipeline`: a Stable-Diffusion-1.x-style `StableDiffusionPipeline` (UNet with attention in
+  `down_blocks.0`/`up_blocks.1`, tiny VAE, tiny CLIP text encoder, a CLIP tokenizer from a local vocabulary).
+- :func:`tiny_sdxl_pipeline`: the SDXL counterpart with two text encoders (`text_encoder_2` keeps `text_model.`).
+- :func:`tiny_llama`: a Llama-style causal LM.
+- :func:`save_random_llama_lora`, :func:`save_random_pipeline_lora`: random LoRAs (random `lora_B`, so the update
+  is not zero) written by peft's `save_pretrained` and diffusers' `save_lora_weights` themselves.
+
+Builds are cached per session; every public builder returns a fresh deep copy, since loading a LoRA mutates it.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+
+__all__ = [
+    "LLAMA_TARGETS",
+    "TEXT_ENCODER_TARGETS",
+    "UNET_ATTENTION_TARGETS",
+    "UNET_CONV_TARGETS",
+    "adapted_weight",
+    "randomize_lora_B",
+    "save_random_llama_lora",
+    "save_random_pipeline_lora",
+    "tiny_clip_tokenizer",
+    "tiny_llama",
+    "tiny_sd_pipeline",
+    "tiny_sdxl_pipeline",
+]
+
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+UNET_ATTENTION_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
+UNET_CONV_TARGETS = ["conv1", "conv2", "conv_shortcut", "conv"]
+TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
+_TEXT_HIDDEN = 16
+
+
+@functools.cache
+def _tokenizer_dir() -> str:
+    """A CLIP BPE vocabulary of single characters plus a few merges, written once per session."""
+    folder = Path(tempfile.mkdtemp(prefix="tiny_clip_tokenizer_"))
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    tokens = ["<|startoftext|>", "<|endoftext|>", *letters, *(f"{c}</w>" for c in letters), "th", "the</w>"]
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
+    (folder / "merges.txt").write_text("#version: 0.2\nt h\nth e</w>\n")
+    return str(folder)
+
+
+def tiny_clip_tokenizer():
+    """A `CLIPTokenizer` over a 56-token local vocabulary (max length 16)."""
+    from transformers import CLIPTokenizer
+
+    folder = Path(_tokenizer_dir())
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=16)
+
+
+def _clip_config(**overrides):
+    from transformers import CLIPTextConfig
+
+    config = dict(
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        hidden_size=_TEXT_HIDDEN,
+        intermediate_size=24,
+        num_attention_heads=2,
+        num_hidden_layers=2,
+        vocab_size=64,
+        max_position_embeddings=16,
+        projection_dim=_TEXT_HIDDEN,
+    )
+    config.update(overrides)
+    return CLIPTextConfig(**config)
+
+
+def _vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=(8, 16),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=16,
+    )
+
+
+@functools.cache
+def _sd_pipeline():
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(8, 16),
+        layers_per_block=2,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=_TEXT_HIDDEN,
+        attention_head_dim=2,
+        norm_num_groups=4,
+    )
+    return StableDiffusionPipeline(
+        vae=_vae(),
+        text_encoder=CLIPTextModel(_clip_config()).eval(),
+        tokenizer=tiny_clip_tokenizer(),
+        unet=unet.eval(),
+        scheduler=DDIMScheduler(steps_offset=1, clip_sample=False),
+        safety_checker=None,
+        feature_extractor=None,
+        image_encoder=None,
+        requires_safety_checker=False,
+    )
+
+
+def tiny_sd_pipeline():
+    """A fresh tiny SD-1.x-style `StableDiffusionPipeline` (same weights every call).
+
+    The UNet mirrors SD 1.x's layout at toy size: attention in `down_blocks.0` and `up_blocks.1`, none in
+    `down_blocks.1`/`up_blocks.0`, two resnets per down block, so LDM/SGM block names map as on the real model.
+    """
+    return copy.deepcopy(_sd_pipeline())
+
+
+@functools.cache
+def _sdxl_pipeline():
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(8, 16),
+        layers_per_block=2,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=4,
+        transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=2 * _TEXT_HIDDEN + 6 * 4,
+        cross_attention_dim=2 * _TEXT_HIDDEN,
+        norm_num_groups=4,
+    )
+    return StableDiffusionXLPipeline(
+        vae=_vae(),
+        text_encoder=CLIPTextModel(_clip_config()).eval(),
+        text_encoder_2=CLIPTextModelWithProjection(_clip_config()).eval(),
+        tokenizer=tiny_clip_tokenizer(),
+        tokenizer_2=tiny_clip_tokenizer(),
+        unet=unet.eval(),
+        scheduler=EulerDiscreteScheduler(),
+    )
+
+
+def tiny_sdxl_pipeline():
+    """A fresh tiny SDXL-style `StableDiffusionXLPipeline` (two CLIP text encoders, text-time conditioning)."""
+    return copy.deepcopy(_sdxl_pipeline())
+
+
+@functools.cache
+def _llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=32,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_llama():
+    """A fresh tiny `LlamaForCausalLM` (hidden 16, 2 layers, GQA with one KV head; same weights every call)."""
+    return copy.deepcopy(_llama())
+
+
+def randomize_lora_B(model: torch.nn.Module, *, seed: int = 0, std: float = 0.2) -> None:
+    """Give every `lora_B` weight random values (peft initialises them to zero, which makes the update zero)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * std)
+
+
+def save_random_llama_lora(path: str | Path, *, seed: int = 0, **lora_config) -> Path:
+    """Write a random PEFT LoRA for :func:`tiny_llama` with `PeftModel.save_pretrained`; returns the folder.
+
+    Args:
+        lora_config: `LoraConfig` fields (`r`, `lora_alpha`, `rank_pattern`, `alpha_pattern`, `use_rslora`,
+            `target_modules`, ...); by default rank 4, alpha 8, every linear layer of the blocks.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(**{"r": 4, "lora_alpha": 8, "target_modules": LLAMA_TARGETS, **lora_config})
+    torch.manual_seed(seed)
+    model = get_peft_model(tiny_llama(), config)
+    randomize_lora_B(model, seed=seed)
+    model.save_pretrained(str(path))
+    return Path(path)
+
+
+def save_random_pipeline_lora(
+    pipe,
+    path: str | Path,
+    *,
+    seed: int = 0,
+    rank: int = 4,
+    alpha: float | None = None,
+    unet_targets: list[str] | None = None,
+    text_encoder: bool = True,
+    rank_pattern: dict[str, int] | None = None,
+    with_metadata: bool = True,
+) -> Path:
+    """Write a random LoRA for `pipe` (not modified) with the pipeline class's own `save_lora_weights`.
+
+    Adapts the UNet (`unet_targets`, attention layers by default) and, when `text_encoder`, every text encoder's
+    attention and MLP. Returns the folder holding `pytorch_lora_weights.safetensors`.
+    """
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    torch.manual_seed(seed)
+    layers, metadata = {}, {}
+    encoders = [n for n in ("text_encoder", "text_encoder_2") if hasattr(pipe, n)] if text_encoder else []
+    components = ["unet", *encoders]
+    for offset, component in enumerate(components):
+        model = copy.deepcopy(getattr(pipe, component))
+        targets = (unet_targets or UNET_ATTENTION_TARGETS) if component == "unet" else TEXT_ENCODER_TARGETS
+        config = LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=targets, rank_pattern=rank_pattern or {})
+        model.add_adapter(config)
+        randomize_lora_B(model, seed=seed + offset)
+        layers[f"{component}_lora_layers"] = get_peft_model_state_dict(model)
+        if with_metadata:
+            metadata[f"{component}_lora_adapter_metadata"] = config.to_dict()
+    type(pipe).save_lora_weights(str(path), **layers, **metadata, safe_serialization=True)
+    return Path(path)
+
+
+def adapted_weight(module: torch.nn.Module) -> torch.Tensor:
+    """The weight of a (possibly LoRA-wrapped, fused) layer, flattened to `(out, in * kh * kw)` in float64."""
+    base = getattr(module, "base_layer", module)
+    return base.weight.detach().to(torch.float64).reshape(base.weight.shape[0], -1)
