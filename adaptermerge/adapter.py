@@ -64,6 +64,9 @@ class Adapter(Mapping[str, LowRank]):
     def __len__(self) -> int:
         return len(self.modules)
 
+    def __contains__(self, module: object) -> bool:
+        return module in self.modules
+
     def __repr__(self) -> str:
         return f"Adapter(name={self.name!r}, modules={len(self)}, format={self.metadata.format!r})"
 

@@ -122,9 +122,13 @@ class LowRank:
         return self.B.to(COMPUTE_DTYPE) @ self.A.to(COMPUTE_DTYPE)
 
     def check_finite(self) -> None:
-        """Raise :class:`InvalidTensorError` if a factor holds NaN or Inf."""
+        """Raise :class:`InvalidTensorError` if a factor holds NaN or Inf.
+
+        A float64 sum is finite exactly when every entry is (it cannot overflow for finite float32/16 inputs), and is
+        far cheaper than an element-wise check, which matters when a 7B adapter set is read.
+        """
         for name, tensor in (("A", self.A), ("B", self.B)):
-            if not torch.isfinite(tensor).all():
+            if not torch.isfinite(tensor.sum(dtype=torch.float64)):
                 raise InvalidTensorError(f"factor {name} holds NaN or Inf values")
 
 

@@ -17,11 +17,11 @@ import torch
 from tqdm.auto import tqdm
 
 from .adapter import Adapter, AdapterMetadata, check_compatible, module_union
-from .errors import IncompatibleAdaptersError
+from .errors import IncompatibleAdaptersError, InvalidParameterError
 from .io import load_adapter
 from .lowrank import truncate
 from .methods import get_method
-from .weights import Weight, check_weights, module_weight
+from .weights import Weight, check_weights
 
 __all__ = ["load_adapters", "merge_adapters"]
 
@@ -58,7 +58,8 @@ def merge_adapters(
 
     Args:
         adapters (`list` of `Adapter`, paths or hub ids): the adapters to merge, all of one base model.
-        weights (`list[float]`, *optional*): one weight per adapter, 1.0 each by default.
+        weights (`list`, *optional*): one weight per adapter, 1.0 each by default: a number, or per-module weights
+            (module patterns, diffusers block dicts or A1111 block-weight vectors; see `adaptermerge.weights`).
         method (`str`, defaults to `"linear"`): a registered method name (see `adaptermerge methods`).
         rank (`int`, *optional*): the output rank per module. Methods with a `rank` parameter use it; for the
             others the result is truncated by a low-rank SVD.
@@ -82,16 +83,18 @@ def merge_adapters(
         params = {**params, "rank": rank}
     method_params = merge_method.make_params(params)
     loaded = load_adapters(adapters, allow_pickle=allow_pickle)
-    weights = check_weights(weights, len(loaded))
+    resolvers = check_weights(weights, len(loaded))
     if not merge_method.per_module:
-        return merge_method.fn(loaded, weights, method_params)
+        if any(r.uniform is None for r in resolvers):
+            raise InvalidParameterError(f"method {method!r} takes one number per adapter, not per-module weights")
+        return merge_method.fn(loaded, [r.uniform for r in resolvers], method_params)
 
     modules = module_union(loaded)
     check_compatible(loaded, modules)
     out_dtype = dtype or loaded[0].metadata.dtype
     merged = {}
     for module in tqdm(modules, desc=f"merging ({method})", unit="module", disable=not progressbar):
-        pairs = [(a, module_weight(w, module)) for a, w in zip(loaded, weights) if module in a]
+        pairs = [(a, resolve(module)) for a, resolve in zip(loaded, resolvers) if module in a]
         pairs = [(a, w) for a, w in pairs if w != 0.0]
         if not pairs:
             continue
@@ -111,7 +114,7 @@ def merge_adapters(
     provenance = {
         "method": method,
         "params": dataclasses.asdict(method_params),
-        "weights": list(weights),
+        "weights": [r.spec for r in resolvers],
         "rank": rank,
         "sources": [a.metadata.source or a.name for a in loaded],
     }

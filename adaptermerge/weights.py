@@ -1,39 +1,229 @@
-"""Per-adapter merge weights: one number per adapter, resolved for each module.
+"""Per-adapter merge weights, resolved to one number per module.
 
-A weight is a number applied to every module of its adapter. Layer- and block-wise weights (mappings from
-module patterns to numbers) resolve through :func:`module_weight` as well, so methods only ever see numbers.
+An adapter's weight is one of:
+
+- a number, applied to every module;
+- a mapping from module-name patterns to numbers, matched as peft matches `rank_pattern` keys (a key is a regular
+  expression that must match a whole dotted tail of the module name; a leading `^` anchors it to the start); when
+  several keys match, the longest wins; the key `default` gives the rest (1.0 when absent);
+- a diffusers-style nested dict, as `set_adapters` accepts it: `{"unet": {"down": …, "mid": …, "up": …},
+  "text_encoder": 0.5}`, where `down`/`up` take a number or `{"block_i": number | [one per layer]}`. Unlike
+  diffusers, which scales only attention layers and silently leaves resnets and samplers at 1.0, every module of a
+  named block gets the block's weight: the `j`-th entry of a list applies to `attentions.j` and `resnets.j`, and
+  a block's samplers take its last entry; components not named keep 1.0;
+- an A1111 LoRA Block Weight vector: `{"lbw": [17, 12, 20 or 26 numbers] | "PRESET", "multiplier": 1.0}`
+  (SD1.x 17/26, SDXL 12/20), mapped to blocks by the LDM numbering (IN00…IN11, M00, OUT00…OUT11); slots the vector
+  does not name get 0, as in the extension, and modules outside the blocks (time embedding, conv_out) keep 1.0.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import re
+from collections.abc import Callable, Mapping, Sequence
 from numbers import Real
+from typing import Any
 
 from .errors import InvalidParameterError
 
-__all__ = ["Weight", "check_weights", "module_weight"]
+__all__ = ["LBW_PRESETS", "ModuleWeights", "Weight", "check_weights"]
 
-Weight = float | int
+Weight = float | int | Mapping[str, Any]
+
+COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "prior")
+_TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+
+_SD1_17 = ["BASE", "IN01", "IN02", "IN04", "IN05", "IN07", "IN08", "M00"] + [f"OUT{i:02d}" for i in range(3, 12)]
+_SDXL_12 = ["BASE", "IN04", "IN05", "IN07", "IN08", "M00"] + [f"OUT{i:02d}" for i in range(6)]
+_SD1_26 = ["BASE"] + [f"IN{i:02d}" for i in range(12)] + ["M00"] + [f"OUT{i:02d}" for i in range(12)]
+_SDXL_20 = ["BASE"] + [f"IN{i:02d}" for i in range(9)] + ["M00"] + [f"OUT{i:02d}" for i in range(9)]
+LBW_LAYOUTS = {17: _SD1_17, 12: _SDXL_12, 26: _SD1_26, 20: _SDXL_20}
+# The extension's default presets (17 wide: BASE, IN01, IN02, IN04, IN05, IN07, IN08, M00, OUT03…OUT11).
+LBW_PRESETS = {
+    "NONE": [0] * 17,
+    "ALL": [1] * 17,
+    "ALL0.5": [0.5] * 17,
+    "INS": [1, 1, 1, 1] + [0] * 13,
+    "IND": [1, 0, 0, 0, 1, 1, 1] + [0] * 10,
+    "INALL": [1] * 7 + [0] * 10,
+    "MIDD": [1, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0],
+    "OUTD": [1, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 0],
+    "OUTS": [1] + [0] * 11 + [1] * 5,
+    "OUTALL": [1] + [0] * 7 + [1] * 9,
+}
+_UNET_BLOCK = re.compile(r"^(down|up)_blocks\.(\d+)\.(?:(attentions|resnets)\.(\d+)|(?:downsamplers|upsamplers)\.\d+)")
 
 
-def check_weights(weights: Sequence[Weight] | None, n_adapters: int) -> list[Weight]:
-    """One weight per adapter (1.0 each when `weights` is None), each a finite number.
+def _number(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+        raise InvalidParameterError(f"{where} must be a finite number; got {value!r}")
+    return float(value)
+
+
+class ModuleWeights:
+    """One adapter's weight, callable on a module name; keeps the user's spec for provenance."""
+
+    def __init__(self, spec: Weight, resolve: Callable[[str], float]) -> None:
+        self.spec = spec
+        self._resolve = resolve
+
+    def __call__(self, module: str) -> float:
+        return self._resolve(module)
+
+    @property
+    def uniform(self) -> float | None:
+        """The weight when it is one number for every module, else None."""
+        return float(self.spec) if isinstance(self.spec, Real) else None
+
+
+def _pattern_weights(spec: Mapping[str, Any], where: str) -> Callable[[str], float]:
+    default = _number(spec.get("default", 1.0), f"{where}['default']")
+    compiled = []
+    for key, value in spec.items():
+        if key == "default":
+            continue
+        try:
+            compiled.append((len(key), re.compile(rf"(.*\.)?({key})$"), _number(value, f"{where}[{key!r}]")))
+        except re.error as err:
+            raise InvalidParameterError(
+                f"{where}: pattern {key!r} is not a valid regular expression ({err})"
+            ) from None
+    compiled.sort(key=lambda item: -item[0])
+
+    def resolve(module: str) -> float:
+        return next((value for _, regex, value in compiled if regex.match(module)), default)
+
+    return resolve
+
+
+def _unet_block_weight(spec: Any, module: str, where: str) -> float:
+    """A module's weight under diffusers' `{"down", "mid", "up"}` schema (module name without `unet.`)."""
+    if not isinstance(spec, Mapping):
+        return _number(spec, where)
+    unknown = set(spec) - {"down", "mid", "up"}
+    if unknown:
+        raise InvalidParameterError(f"{where}: unknown UNet keys {sorted(unknown)}; use 'down', 'mid' and 'up'")
+    if module.startswith("mid_block."):
+        mid = spec.get("mid", 1.0)
+        if isinstance(mid, list):
+            if len(mid) != 1:
+                raise InvalidParameterError(f"{where}['mid'] takes one number or a 1-element list; got {mid!r}")
+            mid = mid[0]
+        return _number(mid, f"{where}['mid']")
+    match = _UNET_BLOCK.match(module)
+    if not match:
+        return 1.0
+    side, block, kind, layer = match.group(1), int(match.group(2)), match.group(3), match.group(4)
+    value = spec.get(side, 1.0)
+    if isinstance(value, Mapping):
+        value = value.get(f"block_{block}", 1.0)
+    if isinstance(value, list):
+        index = int(layer) if kind else len(value) - 1
+        if len(value) == 1:
+            index = 0
+        if index >= len(value):
+            raise InvalidParameterError(
+                f"{where}['{side}']['block_{block}'] has {len(value)} entries but module {module!r} is layer {index}"
+            )
+        value = value[index]
+    return _number(value, f"{where}['{side}']")
+
+
+def _component_weights(spec: Mapping[str, Any], where: str) -> Callable[[str], float]:
+    unknown = set(spec) - set(COMPONENTS)
+    if unknown:
+        raise InvalidParameterError(
+            f"{where}: {sorted(unknown)} are not pipeline components; use {', '.join(COMPONENTS)}, or give module "
+            "patterns without component keys"
+        )
+
+    def resolve(module: str) -> float:
+        component, _, rest = module.partition(".")
+        if component not in spec:
+            return 1.0
+        value = spec[component]
+        if component == "unet":
+            return _unet_block_weight(value, rest, f"{where}['unet']")
+        if isinstance(value, Mapping):
+            return _pattern_weights(value, f"{where}[{component!r}]")(rest)
+        return _number(value, f"{where}[{component!r}]")
+
+    for component in spec:  # validate numbers now rather than at the first module
+        if not isinstance(spec[component], Mapping):
+            _number(spec[component], f"{where}[{component!r}]")
+    return resolve
+
+
+def _lbw_block(module: str) -> str | None:
+    """The LDM block id (BASE, IN00…, M00, OUT00…) of a diffusers module name, or None outside the blocks."""
+    component, _, rest = module.partition(".")
+    if component in _TEXT_ENCODERS:
+        return "BASE"
+    if component != "unet":
+        return None
+    if rest.startswith("conv_in."):
+        return "IN00"
+    if rest.startswith("mid_block."):
+        return "M00"
+    match = _UNET_BLOCK.match(rest)
+    if not match:
+        return None
+    side, block, kind, layer = match.group(1), int(match.group(2)), match.group(3), match.group(4)
+    if side == "down":
+        return f"IN{1 + 3 * block + int(layer):02d}" if kind else f"IN{3 + 3 * block:02d}"
+    return f"OUT{3 * block + int(layer):02d}" if kind else f"OUT{3 * block + 2:02d}"
+
+
+def _lbw_weights(spec: Mapping[str, Any], where: str) -> Callable[[str], float]:
+    unknown = set(spec) - {"lbw", "multiplier"}
+    if unknown:
+        raise InvalidParameterError(
+            f"{where}: block-weight entries take 'lbw' and 'multiplier'; got {sorted(unknown)}"
+        )
+    vector = spec["lbw"]
+    if isinstance(vector, str):
+        if vector not in LBW_PRESETS:
+            raise InvalidParameterError(
+                f"{where}: unknown block-weight preset {vector!r}; presets: {', '.join(LBW_PRESETS)}"
+            )
+        vector = LBW_PRESETS[vector]
+    if not isinstance(vector, Sequence) or len(vector) not in LBW_LAYOUTS:
+        raise InvalidParameterError(
+            f"{where}: a block-weight vector has 17 or 26 (SD1.x) or 12 or 20 (SDXL) numbers; got {vector!r}"
+        )
+    multiplier = _number(spec.get("multiplier", 1.0), f"{where}['multiplier']")
+    ratios = {
+        name: _number(v, f"{where}['lbw'][{i}]") for i, (name, v) in enumerate(zip(LBW_LAYOUTS[len(vector)], vector))
+    }
+
+    def resolve(module: str) -> float:
+        block = _lbw_block(module)
+        return multiplier * (1.0 if block is None else ratios.get(block, 0.0))
+
+    return resolve
+
+
+def _module_weights(spec: Weight, where: str) -> ModuleWeights:
+    if not isinstance(spec, Mapping):
+        value = _number(spec, where)
+        return ModuleWeights(spec, lambda module: value)
+    if "lbw" in spec:
+        return ModuleWeights(spec, _lbw_weights(spec, where))
+    if spec and set(spec) <= set(COMPONENTS):
+        return ModuleWeights(spec, _component_weights(spec, where))
+    return ModuleWeights(spec, _pattern_weights(spec, where))
+
+
+def check_weights(weights: Sequence[Weight] | None, n_adapters: int) -> list[ModuleWeights]:
+    """One resolver per adapter (1.0 each when `weights` is None), every number checked to be finite.
 
     Raises:
-        InvalidParameterError: for a length mismatch or a weight that is not a finite number.
+        InvalidParameterError: for a length mismatch, a weight that is not a finite number, an unknown component or
+            preset, or a pattern that is not a valid regular expression.
     """
     if weights is None:
-        return [1.0] * n_adapters
+        weights = [1.0] * n_adapters
     weights = list(weights)
     if len(weights) != n_adapters:
         raise InvalidParameterError(f"got {len(weights)} weights for {n_adapters} adapters; give one per adapter")
-    for i, weight in enumerate(weights):
-        if isinstance(weight, bool) or not isinstance(weight, Real) or not math.isfinite(weight):
-            raise InvalidParameterError(f"weight {i} must be a finite number; got {weight!r}")
-    return weights
-
-
-def module_weight(weight: Weight, module: str) -> float:
-    """The number that `weight` gives to `module`."""
-    return float(weight)
+    return [_module_weights(weight, f"weight {i}") for i, weight in enumerate(weights)]
