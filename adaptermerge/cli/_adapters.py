@@ -11,6 +11,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from ..bundle import is_bundle
 from ..io import load_adapter, save_adapter
 from ..lowrank import norm
 from ..merge import merge_adapters
@@ -25,6 +26,7 @@ from ._options import (
     parse_weights,
     pop_method_params,
 )
+from ._rmm import show_bundle
 
 
 def _quiet(ctx: click.Context) -> bool:
@@ -76,6 +78,8 @@ def merge(ctx: click.Context, adapters: tuple[str, ...], output: Path, method: s
         progressbar=not _quiet(ctx),
         **params,
     )
+    if hasattr(merged, "save"):  # a method that returns something other than an adapter (rmm's bundle) saves itself
+        return click.echo(f"Wrote {merged!r} to {merged.save(output, overwrite=kwargs['overwrite'])}")
     path = save_adapter(merged, output, format=kwargs["output_format"], overwrite=kwargs["overwrite"])
     if not _quiet(ctx):
         ranks = sorted({lr.rank for lr in merged.values()})
@@ -124,6 +128,8 @@ def inspect(path: str, as_json: bool, allow_pickle: bool) -> None:
 
     Norms are computed on the factors (Frobenius norm of scale·B·A), so this is fast even for large adapters.
     """
+    if is_bundle(path):
+        return show_bundle(path, as_json=as_json)
     info = describe(path, allow_pickle=allow_pickle)
     if as_json:
         click.echo(json.dumps(info, indent=2))
