@@ -26,6 +26,7 @@ __all__ = [
     "UNET_ATTENTION_TARGETS",
     "UNET_CONV_TARGETS",
     "adapted_weight",
+    "pipeline_module",
     "randomize_lora_B",
     "save_random_llama_lora",
     "save_random_pipeline_lora",
@@ -263,3 +264,12 @@ def adapted_weight(module: torch.nn.Module) -> torch.Tensor:
     """The weight of a (possibly LoRA-wrapped, fused) layer, flattened to `(out, in * kh * kw)` in float64."""
     base = getattr(module, "base_layer", module)
     return base.weight.detach().to(torch.float64).reshape(base.weight.shape[0], -1)
+
+
+def pipeline_module(pipe, name: str) -> torch.nn.Module:
+    """The layer of `pipe` named by an adapter module name (`unet.down_blocks…`, `text_encoder.text_model…`)."""
+    component, module = name.split(".", 1)
+    model = getattr(pipe, component)
+    if component.startswith("text_encoder") and not hasattr(model, "text_model"):
+        module = module.removeprefix("text_model.")
+    return model.get_submodule(module)
