@@ -124,7 +124,13 @@ def _map_local(fn: Callable[[Any], Any], tasks: Sequence[Any], workers: int) -> 
     threads = max(1, (os.cpu_count() or 1) // workers)
     broken = []
     with ProcessPoolExecutor(workers, mp_context=_mp_context(), initializer=_init_worker, initargs=(threads,)) as pool:
-        futures = {pool.submit(fn, task): i for i, task in enumerate(tasks)}
+        futures = {}
+        for i, task in enumerate(tasks):
+            try:
+                futures[pool.submit(fn, task)] = i
+            except BrokenProcessPool:  # a worker died while tasks were still being handed out
+                broken += range(i, len(tasks))
+                break
         for future in as_completed(futures):
             try:
                 yield futures[future], future.result()
