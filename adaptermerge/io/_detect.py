@@ -42,8 +42,11 @@ def detect_format(path: str | Path) -> str:
     if not path.exists():
         hint = " (it looks like a hub id: is the network reachable?)" if _HUB_ID.match(str(path)) else ""
         raise AdapterFormatError(f"{path}: no such file or folder{hint}")
-    if path.is_dir() and peft.detect(path, []):
-        return "peft"
+    if path.is_dir():
+        # Folders are recognised by their file names (adapter_config.json, pytorch_lora_weights.*).
+        for name, module in FORMATS.items():
+            if module.detect(path, []):
+                return name
     files = _weights_candidates(path) if path.is_dir() else [path]
     if len(files) != 1:
         raise AdapterFormatError(
