@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from adaptermerge import Adapter, AdapterMetadata
 from adaptermerge.io import detect_format, diffusers, kohya, load_adapter, peft, save_adapter
+from adaptermerge.lowrank import norm
 from tests.factories import TOLERANCES, random_lowrank
 from tests.tiny_models import (
     UNET_ATTENTION_TARGETS,
@@ -26,6 +29,7 @@ from tests.tiny_models import (
 )
 
 FORMATS = ["peft", "diffusers", "kohya"]
+DATA = Path(__file__).parent / "data"
 # Module name → (out, in, kernel) of a diffusion adapter spanning every component, linear and conv, mixed ranks.
 DIFFUSION_MODULES = {
     "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q": (16, 16, (), 4),
@@ -345,3 +349,17 @@ def test_diffusers_writer_accepts_a_folder_and_detection_finds_each_format(tmp_p
     save_file(load_file(folder / diffusers.WEIGHTS_NAME), str(renamed))
     assert detect_format(renamed) == "diffusers"
     assert_same_updates(load_adapter(renamed), adapter)
+
+
+@pytest.mark.parametrize("filename", ["kohya_sd1_fp16.safetensors", "diffusers_sd1.safetensors"])
+def test_golden_files_read_with_their_names_scales_and_norms(filename):
+    """Small hand-made files: kohya with diffusers and SGM names, a missing alpha and fp16; diffusers with
+    metadata patterns and a flattened CLIP name. Scales were checked by hand (alpha / r per module)."""
+    expected = json.loads((DATA / "expected.json").read_text())[filename]
+    adapter = load_adapter(DATA / filename)
+    assert adapter.metadata.format == expected["format"]
+    assert sorted(adapter) == sorted(expected["modules"])
+    for name, facts in expected["modules"].items():
+        assert adapter[name].rank == facts["rank"]
+        assert adapter.modules.entries[name].scale == pytest.approx(facts["scale"])
+        assert float(norm(adapter[name])) == pytest.approx(facts["norm"], rel=1e-6)
