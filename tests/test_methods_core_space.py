@@ -25,6 +25,15 @@ from tests.factories import TOLERANCES, make_adapter, random_lowrank
 TOL = TOLERANCES[torch.float64]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matrices: OpenMP threads only add waiting on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def updates_of(out_features: int, in_features: int, ranks, seed: int = 0) -> list[LowRank]:
     return [
         random_lowrank(out_features, in_features, r, seed=seed * 100 + t, dtype=torch.float64)
@@ -309,3 +318,42 @@ def test_methods_match_dense_reference_for_random_cases(method, ranks, density, 
     weights = [1.0 - 0.3 * t for t in range(len(ranks))]
     params = {"density": density} if method in ("ties", "magnitude_prune", "knots") else {}
     assert_close(run(method, updates, weights, **params), dense_reference(method, updates, weights, **params), 1e-8)
+
+
+def test_linear_equals_peft_cat_on_the_same_adapters():
+    """peft's exact `cat` merge and our `linear` give the same ΔW, with mixed ranks, alphas and target modules."""
+    from peft import LoraConfig, get_peft_model
+
+    from adaptermerge import Adapter
+
+    class Tiny(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.q = torch.nn.Linear(10, 12)
+            self.v = torch.nn.Linear(10, 12)
+            self.fc = torch.nn.Linear(12, 7)
+
+    torch.manual_seed(0)
+    configs = {
+        "first": LoraConfig(r=4, lora_alpha=8, target_modules=["q", "v"], init_lora_weights=False),
+        "second": LoraConfig(r=6, lora_alpha=3, target_modules=["v", "fc"], init_lora_weights=False),
+    }
+    model = get_peft_model(Tiny(), configs["first"], adapter_name="first")
+    model.add_adapter("second", configs["second"])
+    weights = [0.7, -0.4]
+    model.add_weighted_adapter(["first", "second"], weights, "merged", combination_type="cat")
+
+    layers = {name: m for name, m in model.base_model.model.named_modules() if hasattr(m, "lora_A")}
+
+    def lowrank(layer, key):
+        return LowRank(layer.lora_A[key].weight.detach(), layer.lora_B[key].weight.detach() * layer.scaling[key])
+
+    ours = [
+        Adapter({name: lowrank(layer, key) for name, layer in layers.items() if key in layer.lora_A}, name=key)
+        for key in configs
+    ]
+    merged = merge_adapters(ours, weights, "linear")
+    assert set(merged) == {"q", "v", "fc"}
+    for name, layer in layers.items():
+        expected = layer.get_delta_weight("merged").detach()
+        torch.testing.assert_close(merged[name].to_dense().float(), expected, rtol=1e-5, atol=1e-6)
