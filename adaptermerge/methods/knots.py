@@ -41,6 +41,8 @@ def knots_align(cores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 @dataclass(frozen=True)
 class KnotsParams:
+    """Parameters of `knots`: TIES' density and sign election on the aligned parts."""
+
     density: float = density_field(0.2)
     majority_sign_method: SignMethod = sign_field()
     rank: int | None = rank_field()

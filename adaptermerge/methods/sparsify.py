@@ -143,7 +143,9 @@ def sign_field() -> Any:
 
 
 def _seed_field() -> Any:
-    return field(default=0, metadata={"help": "Seed of DARE's random masks (combined with each module's contents)."})
+    return field(
+        default=0, metadata={"help": "Random seed; the same seed gives the same result (DARE: masks per module)."}
+    )
 
 
 def check_sign_method(method: str) -> None:
@@ -153,6 +155,8 @@ def check_sign_method(method: str) -> None:
 
 @dataclass(frozen=True)
 class TiesParams:
+    """Parameters of `ties` (peft's names)."""
+
     density: float = density_field(0.2)
     majority_sign_method: SignMethod = sign_field()
     rank: int | None = rank_field()
@@ -165,6 +169,8 @@ class TiesParams:
 
 @dataclass(frozen=True)
 class MagnitudePruneParams:
+    """Parameters of `magnitude_prune` (peft's names)."""
+
     density: float = density_field(0.2)
     rank: int | None = rank_field()
 
@@ -175,6 +181,8 @@ class MagnitudePruneParams:
 
 @dataclass(frozen=True)
 class DareLinearParams:
+    """Parameters of `dare_linear`; `seed` makes the random masks reproducible."""
+
     density: float = density_field(0.5)
     seed: int = _seed_field()
     rank: int | None = rank_field()
@@ -188,6 +196,8 @@ class DareLinearParams:
 
 @dataclass(frozen=True)
 class DareTiesParams(DareLinearParams):
+    """Parameters of `dare_ties`: those of `dare_linear` plus TIES' sign election."""
+
     majority_sign_method: SignMethod = sign_field()
 
     def __post_init__(self) -> None:

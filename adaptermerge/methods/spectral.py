@@ -57,6 +57,8 @@ def _tsv_quotas(updates: Sequence[LowRank], width: int) -> list[int]:
 
 @dataclass(frozen=True)
 class SvdParams:
+    """Parameters of `svd`: the output rank, the largest input rank when unset (as in peft)."""
+
     rank: int | None = rank_field()
 
     def __post_init__(self) -> None:
@@ -65,6 +67,8 @@ class SvdParams:
 
 @dataclass(frozen=True)
 class SpectralParams:
+    """Parameters of `tsv` and `iso_c`: an optional output rank."""
+
     rank: int | None = rank_field()
 
     def __post_init__(self) -> None:
