@@ -1,0 +1,249 @@
+"""Merge a suite's task LoRAs with every registered method and with peft's `add_weighted_adapter` types.
+
+Protocol (the same for every method, peft's included): one uniform weight per adapter, chosen from :data:`GRID`
+by the average normalised accuracy on the validation split; the table reports the test split at that weight.
+Normalised accuracy is merged accuracy over the task's own adapter's accuracy on the same split.
+
+Methods whose result is not an :class:`~adaptermerge.Adapter` are handled by what the result offers: a result with
+``recover`` (RMM's reversible bundle) is reported as the accuracy of each task's adapter recovered from a basis of
+``k = T / 2`` elements, since recovery, not one merged model, is what such a method is for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..adapter import Adapter
+from ..io import peft as peft_format
+from ..merge import merge_adapters
+from ..methods import get_method, list_methods
+from .suite import Suite
+
+__all__ = ["GRID", "PEFT_TYPES", "BenchRow", "reference_rows", "run_method", "run_peft", "run_quality_bench"]
+
+logger = logging.getLogger(__name__)
+GRID = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0, 1.5)
+PEFT_TYPES = ("cat", "linear", "ties", "svd", "ties_svd")
+_BASIS_PARAMS = ("k", "num_bases", "n_bases", "basis_size")
+
+
+@dataclass
+class BenchRow:
+    """One row of the quality table.
+
+    Attributes:
+        name: the method (`"peft:ties"` for peft's types) or `"base (weight 0)"` / `"individual"`.
+        kind: `"reference"`, `"adaptermerge"`, `"peft"` or `"recovery"`.
+        accuracy: task → test accuracy.
+        normalised: task → test accuracy / the task's own adapter's test accuracy.
+        weight: the uniform weight chosen on validation (`None` for reference and recovery rows).
+        merge_seconds: wall time of the merge at the chosen weight.
+        peak_mib: peak resident memory above the level before the merge, sampled (MiB).
+        note: what else a reader needs (an error, the basis size).
+        val_curve: weight → average normalised validation accuracy.
+    """
+
+    name: str
+    kind: str
+    accuracy: dict[str, float] = field(default_factory=dict)
+    normalised: dict[str, float] = field(default_factory=dict)
+    weight: float | None = None
+    merge_seconds: float | None = None
+    peak_mib: float | None = None
+    note: str = ""
+    val_curve: dict[float, float] = field(default_factory=dict)
+
+    @property
+    def mean_accuracy(self) -> float | None:
+        return sum(self.accuracy.values()) / len(self.accuracy) if self.accuracy else None
+
+    @property
+    def mean_normalised(self) -> float | None:
+        return sum(self.normalised.values()) / len(self.normalised) if self.normalised else None
+
+    def to_dict(self) -> dict[str, Any]:
+        row = dataclasses.asdict(self)
+        row["val_curve"] = {str(w): v for w, v in self.val_curve.items()}
+        return {**row, "mean_accuracy": self.mean_accuracy, "mean_normalised": self.mean_normalised}
+
+
+def _rss_bytes() -> int | None:
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return None
+
+
+def measure(fn: Callable[[], Any]) -> tuple[Any, float, float | None]:
+    """Run `fn`; return its result, wall seconds and peak RSS above the starting level in MiB (sampled each ms)."""
+    start_rss, peak, done = _rss_bytes(), [0], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_bytes() or 0)
+            done.wait(0.001)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    start = time.perf_counter()
+    try:
+        result = fn()
+    finally:
+        seconds = time.perf_counter() - start
+        done.set()
+        sampler.join()
+    peak[0] = max(peak[0], _rss_bytes() or 0)
+    return result, seconds, None if start_rss is None else max(peak[0] - start_rss, 0) / 2**20
+
+
+def _normalise(accuracy: dict[str, float], individual: dict[str, float]) -> dict[str, float]:
+    return {t: a / individual[t] if individual[t] else 0.0 for t, a in accuracy.items()}
+
+
+def reference_rows(suite: Suite) -> tuple[BenchRow, BenchRow, dict[str, dict[str, float]], dict[str, dict]]:
+    """The base row, the individual row, each adapter on every task (test), and per-split own-task accuracy."""
+    own = {"val": {}, "test": {}}
+    cross = {}
+    for task, adapter in zip(suite.tasks, suite.adapters()):
+        cross[task] = suite.evaluate(adapter)
+        own["test"][task] = cross[task][task]
+        own["val"][task] = suite.evaluate(adapter, split="val", tasks=[task])[task]
+    base = suite.evaluate(None)
+    base_row = BenchRow("base (weight 0)", "reference", base, _normalise(base, own["test"]), weight=0.0)
+    individual = BenchRow("individual (own adapter)", "reference", own["test"], _normalise(own["test"], own["test"]))
+    return base_row, individual, cross, own
+
+
+def _select(
+    suite: Suite, name: str, kind: str, merge: Callable[[float], Adapter], own: dict, grid: Sequence[float]
+) -> BenchRow:
+    """Merge at every grid weight, keep the best on validation, report it on test."""
+    curve, best = {}, None
+    for weight in grid:
+        merged, seconds, peak = measure(lambda w=weight: merge(w))
+        score = _normalise(suite.evaluate(merged, split="val"), own["val"])
+        curve[weight] = sum(score.values()) / len(score)
+        if best is None or curve[weight] > curve[best[0]]:
+            best = (weight, merged, seconds, peak)
+    weight, merged, seconds, peak = best
+    accuracy = suite.evaluate(merged)
+    return BenchRow(name, kind, accuracy, _normalise(accuracy, own["test"]), weight, seconds, peak, val_curve=curve)
+
+
+def _recovery_row(suite: Suite, name: str, own: dict) -> BenchRow:
+    """Each task's adapter recovered from a reversible bundle with k = T/2 basis elements."""
+    method = get_method(name)
+    k = max(1, len(suite.tasks) // 2)
+    basis_param = next((p for p in _BASIS_PARAMS if p in method.param_names), None)
+    params = {basis_param: k} if basis_param else {}
+    bundle, seconds, peak = measure(lambda: merge_adapters(suite.adapters(), method=name, **params))
+    accuracy = {}
+    for index, task in enumerate(suite.tasks):
+        try:  # a bundle may index its tasks by adapter name or by position
+            recovered = bundle.recover(task)
+        except (KeyError, TypeError, ValueError, IndexError):
+            recovered = bundle.recover(index)
+        accuracy[task] = suite.evaluate(recovered, tasks=[task])[task]
+    note = f"recovery of each task, k={k} ({basis_param}={k})" if basis_param else "recovery (method's default k)"
+    return BenchRow(name, "recovery", accuracy, _normalise(accuracy, own["test"]), None, seconds, peak, note)
+
+
+def run_method(suite: Suite, name: str, own: dict, *, grid: Sequence[float] = GRID) -> BenchRow:
+    """One registered method's row (a merge with the weight chosen on validation, or a recovery row)."""
+    paths = [suite.adapter_paths[t] for t in suite.tasks]
+    try:
+        probe = merge_adapters(paths, [grid[0]] * len(paths), method=name)
+        if isinstance(probe, Adapter):
+            merge = lambda w: merge_adapters(paths, [w] * len(paths), name)  # noqa: E731
+            return _select(suite, name, "adaptermerge", merge, own, grid)
+        if hasattr(probe, "recover"):
+            return _recovery_row(suite, name, own)
+        if hasattr(probe, "merge"):
+            merge = lambda w: merge_adapters(paths, method=name).merge([w] * len(paths))  # noqa: E731
+            return _select(suite, name, "adaptermerge", merge, own, grid)
+        return BenchRow(name, "adaptermerge", note=f"result {type(probe).__name__} has neither recover nor merge")
+    except Exception as err:  # a broken method must not hide the others' rows
+        logger.warning("method %s failed: %s", name, err)
+        return BenchRow(name, "adaptermerge", note=f"failed: {type(err).__name__}: {err}"[:200])
+
+
+def run_peft(suite: Suite, combination_type: str, own: dict, *, grid: Sequence[float] = GRID) -> BenchRow:
+    """peft's `add_weighted_adapter(combination_type=...)` on a PeftModel holding every task's LoRA."""
+    import copy
+
+    from peft import PeftModel, get_peft_model_state_dict
+
+    model = PeftModel.from_pretrained(
+        copy.deepcopy(suite.backbone), str(suite.adapter_paths[suite.tasks[0]]), adapter_name=suite.tasks[0]
+    )
+    for task in suite.tasks[1:]:
+        model.load_adapter(str(suite.adapter_paths[task]), adapter_name=task)
+    extra = {"density": 0.5} if "ties" in combination_type else {}
+
+    def merge(weight: float) -> Adapter:
+        if "merged" in model.peft_config:
+            model.delete_adapter("merged")
+        model.add_weighted_adapter(
+            suite.tasks, [weight] * len(suite.tasks), "merged", combination_type=combination_type, **extra
+        )
+        state = get_peft_model_state_dict(model, adapter_name="merged")
+        config = model.peft_config["merged"].to_dict()
+        return peft_format.from_state_dict({k: v.detach().clone() for k, v in state.items()}, config, "merged")
+
+    try:
+        row = _select(suite, f"peft:{combination_type}", "peft", merge, own, grid)
+        row.note = "density=0.5" if extra else ""
+        return row
+    except Exception as err:
+        logger.warning("peft %s failed: %s", combination_type, err)
+        return BenchRow(f"peft:{combination_type}", "peft", note=f"failed: {type(err).__name__}: {err}"[:200])
+
+
+def run_quality_bench(
+    suite: Suite,
+    *,
+    methods: Sequence[str] | None = None,
+    peft_types: Sequence[str] = PEFT_TYPES,
+    grid: Sequence[float] = GRID,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Every row of the quality table for `suite`, plus what the report needs.
+
+    Args:
+        suite (`Suite`): a built suite.
+        methods (`list[str]`, *optional*): registered method names; every registered method by default.
+        peft_types (`list[str]`): peft `combination_type`s to include as baselines (empty for none).
+        grid (`list[float]`): the uniform weights tried on validation, the same for every method.
+        progress (`callable`, *optional*): called with a line as each row starts.
+
+    Returns:
+        `dict`: `suite`, `tasks`, `descriptions`, `grid`, `rows` (list of :class:`BenchRow`), `cross` (each adapter
+        on every task).
+    """
+    base, individual, cross, own = reference_rows(suite)
+    rows = [base, individual]
+    for name in methods if methods is not None else [m.name for m in list_methods()]:
+        if progress:
+            progress(f"merging with {name}")
+        rows.append(run_method(suite, name, own, grid=grid))
+    for combination_type in peft_types:
+        if progress:
+            progress(f"merging with peft's {combination_type}")
+        rows.append(run_peft(suite, combination_type, own, grid=grid))
+    return {
+        "suite": suite.config.name,
+        "tasks": suite.tasks,
+        "descriptions": suite.descriptions,
+        "grid": list(grid),
+        "rows": rows,
+        "cross": cross,
+        "cache": str(suite.folder),
+    }

@@ -1,0 +1,92 @@
+"""The quality table three ways: a rich table for the terminal, JSON for machines, a PNG bar chart for people."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+__all__ = ["print_table", "summary", "write_json", "write_png"]
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
+def print_table(results: dict[str, Any], console: Console | None = None) -> Table:
+    """Print per-task test accuracy (%), averages, chosen weight, merge time and peak memory, one row a method."""
+    tasks = results["tasks"]
+    table = Table(title=f"merge quality on the {results['suite']} suite (test accuracy %, weight chosen on val)")
+    for column in ("method", "w", *tasks, "avg", "norm", "time ms", "peak MiB", "note"):
+        table.add_column(column, justify="left" if column in ("method", "note") else "right")
+    for row in results["rows"]:
+        style = "bold" if row.kind == "reference" else ("cyan" if row.kind == "peft" else None)
+        table.add_row(
+            row.name,
+            "-" if row.weight is None else f"{row.weight:g}",
+            *[_pct(row.accuracy.get(t)) for t in tasks],
+            _pct(row.mean_accuracy),
+            _pct(row.mean_normalised),
+            "-" if row.merge_seconds is None else f"{1000 * row.merge_seconds:.1f}",
+            "-" if row.peak_mib is None else f"{row.peak_mib:.1f}",
+            row.note,
+            style=style,
+        )
+    console = console or Console()
+    if not console.is_terminal:  # files and pipes: no wrapping of the wide table
+        console.width = max(console.width, 200)
+    console.print(table)
+    return table
+
+
+def summary(results: dict[str, Any]) -> dict[str, Any]:
+    """The headline numbers: best registry merge, best peft type, and the worst task of each recovery row."""
+    merges = [r for r in results["rows"] if r.kind == "adaptermerge" and r.mean_normalised is not None]
+    peft = [r for r in results["rows"] if r.kind == "peft" and r.mean_normalised is not None]
+    best = max(merges, key=lambda r: r.mean_normalised, default=None)
+    best_peft = max(peft, key=lambda r: r.mean_normalised, default=None)
+    return {
+        "best_method": best and {"name": best.name, "mean_normalised": best.mean_normalised},
+        "best_peft": best_peft and {"name": best_peft.name, "mean_normalised": best_peft.mean_normalised},
+        "base_mean_normalised": results["rows"][0].mean_normalised,
+        "recovery_min_normalised": {
+            r.name: min(r.normalised.values()) for r in results["rows"] if r.kind == "recovery" and r.normalised
+        },
+    }
+
+
+def write_json(results: dict[str, Any], path: str | Path) -> Path:
+    """Write every row (with validation curves) and the cross-task accuracy of each adapter as JSON."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {**results, "rows": [r.to_dict() for r in results["rows"]], "summary": summary(results)}
+    path.write_text(json.dumps(payload, indent=2))
+    return path
+
+
+def write_png(results: dict[str, Any], path: str | Path) -> Path:
+    """A bar chart of average normalised test accuracy per row, with the base and individual levels marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = [r for r in results["rows"] if r.mean_normalised is not None]
+    colours = {"reference": "grey", "adaptermerge": "tab:blue", "peft": "tab:orange", "recovery": "tab:green"}
+    figure, axis = plt.subplots(figsize=(max(6.0, 0.5 * len(rows) + 2), 4.5))
+    axis.bar(range(len(rows)), [r.mean_normalised for r in rows], color=[colours[r.kind] for r in rows])
+    axis.axhline(rows[0].mean_normalised, color="black", linestyle=":", linewidth=1, label="base (weight 0)")
+    axis.set_xticks(range(len(rows)), [r.name for r in rows], rotation=60, ha="right", fontsize=8)
+    axis.set_ylabel("avg normalised accuracy (merged / own adapter)")
+    axis.set_ylim(0, 1.05)
+    axis.set_title(f"{results['suite']}: blue adaptermerge, orange peft, green RMM recovery, grey references")
+    axis.legend(loc="lower right", fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
