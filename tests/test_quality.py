@@ -1,0 +1,71 @@
+"""The merge-quality suite machinery on a reduced digits configuration (3 tasks, few epochs)."""
+
+import json
+
+import pytest
+import torch
+
+from adaptermerge import merge_adapters
+from adaptermerge.quality.bench import run_quality_bench
+from adaptermerge.quality.digits import digits_config, load_digits_suite
+from adaptermerge.quality.report import print_table, write_json, write_png
+
+pytest.importorskip("peft")
+TASKS = ("digit", "parity", "inverted")
+
+
+@pytest.fixture(scope="module")
+def small_suite(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("quality-cache")
+    config = digits_config(TASKS, epochs=8, pretrain_epochs=15)
+    return load_digits_suite(config, cache_dir=cache), config, cache
+
+
+def test_suite_is_reused_from_cache_without_training(small_suite):
+    suite, config, cache = small_suite
+    assert suite.trained
+    mtimes = {t: (p / "adapter_model.safetensors").stat().st_mtime_ns for t, p in suite.adapter_paths.items()}
+    again = load_digits_suite(config, cache_dir=cache)
+    assert not again.trained
+    assert {t: (p / "adapter_model.safetensors").stat().st_mtime_ns for t, p in again.adapter_paths.items()} == mtimes
+    for task in suite.tasks:
+        torch.testing.assert_close(again.heads[task].weight, suite.heads[task].weight)
+    assert again.evaluate(None) == suite.evaluate(None)
+
+
+def test_each_adapter_beats_the_base_model_on_its_own_task(small_suite):
+    suite, _, _ = small_suite
+    base = suite.evaluate(None)
+    for task, adapter in zip(suite.tasks, suite.adapters()):
+        own = suite.evaluate(adapter, tasks=[task])[task]
+        assert own > base[task] + 0.05, (task, own, base[task])
+
+
+def test_linear_merge_from_files_equals_merge_in_memory(small_suite):
+    suite, _, _ = small_suite
+    paths = [suite.adapter_paths[t] for t in suite.tasks]
+    from_files = merge_adapters(paths, [0.3] * len(paths))
+    in_memory = merge_adapters([a.materialize() for a in suite.adapters()], [0.3] * len(paths))
+    assert from_files.keys() == in_memory.keys() == {"fc1", "fc2", "fc3"}
+    for module in from_files:
+        torch.testing.assert_close(from_files[module].to_dense(), in_memory[module].to_dense())
+    assert suite.evaluate(from_files) == suite.evaluate(in_memory)
+
+
+def test_bench_rows_table_json_and_png(small_suite, tmp_path):
+    suite, _, _ = small_suite
+    results = run_quality_bench(suite, methods=["linear"], peft_types=["cat"], grid=(0.2, 0.5, 1.0))
+    names = [row.name for row in results["rows"]]
+    assert names == ["base (weight 0)", "individual (own adapter)", "linear", "peft:cat"]
+    base, individual, linear, cat = results["rows"]
+    assert individual.mean_normalised == pytest.approx(1.0)
+    assert base.mean_normalised < 1.0
+    # peft's cat is the exact weighted sum, so it must match our linear merge at every weight
+    assert linear.val_curve == pytest.approx(cat.val_curve)
+    assert linear.weight in (0.2, 0.5, 1.0) and linear.merge_seconds > 0
+    print_table(results)
+    payload = json.loads(write_json(results, tmp_path / "q.json").read_text())
+    assert [r["name"] for r in payload["rows"]] == names
+    assert payload["summary"]["best_peft"]["name"] == "peft:cat"
+    png = write_png(results, tmp_path / "q.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
