@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 import torch
 
+from adaptermerge import merge_adapters
 from adaptermerge.errors import IncompatibleAdaptersError, InvalidParameterError
 from adaptermerge.lowrank import LowRank
 from adaptermerge.methods import get_method
 from adaptermerge.methods.copa import complementary_scales, magnitude_prune
-from tests.factories import random_lowrank
+from tests.factories import make_adapter, random_lowrank
 
 METHOD = get_method("copa")
 
@@ -119,3 +120,12 @@ def test_fully_pruned_row_gets_scale_one():
     assert sigma.tolist() == [1.0, 1.0]
     merged = copa([LowRank(A, torch.ones(3, 2, dtype=torch.float64))], density=0.5)
     assert torch.isfinite(merged.B).all()
+
+
+def test_merge_adapters_runs_copa_per_module_with_weights():
+    shapes = {"q_proj": (16, 12), "v_proj": (16, 12)}
+    adapters = [make_adapter(shapes, rank=4, seed=s, name=f"a{s}") for s in range(2)]
+    merged = merge_adapters(adapters, [0.6, 0.4], method="copa", density=0.5)
+    for name in shapes:
+        direct = copa([a[name] for a in adapters], [0.6, 0.4], density=0.5)
+        torch.testing.assert_close(merged[name].to_dense(), direct.to_dense())

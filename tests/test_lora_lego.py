@@ -5,11 +5,12 @@ import math
 import pytest
 import torch
 
+from adaptermerge import merge_adapters
 from adaptermerge.errors import InvalidParameterError
 from adaptermerge.lowrank import LowRank
 from adaptermerge.methods import get_method
 from adaptermerge.methods.lora_lego import rank_one_units
-from tests.factories import random_lowrank
+from tests.factories import make_adapter, random_lowrank
 
 METHOD = get_method("lora_lego")
 
@@ -101,3 +102,13 @@ def test_zero_units_are_dropped():
     merged = lego([padded], rank=5, output_reweighting=False)
     assert merged.rank == 3
     close(merged.to_dense(), x.to_dense())
+
+
+def test_merge_adapters_passes_rank_and_seed_to_lora_lego():
+    shapes = {"q_proj": (16, 12), "v_proj": (16, 12)}
+    adapters = [make_adapter(shapes, rank=4, seed=s, name=f"a{s}") for s in range(2)]
+    merged = merge_adapters(adapters, method="lora_lego", rank=3, seed=1)
+    for name in shapes:
+        direct = lego([a[name] for a in adapters], rank=3, seed=1)
+        assert merged[name].rank == 3
+        torch.testing.assert_close(merged[name].to_dense(), direct.to_dense())
