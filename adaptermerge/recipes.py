@@ -205,9 +205,8 @@ def _expand(
     if entry.path is not None:
         path = _inside(folder / Path(entry.path).expanduser(), roots, f"{where}.path", recipe)
         if not path.exists():
-            raise RecipeError(
-                f"{recipe}: {where}.path: {path} does not exist (for a hub id write `hub: {entry.path}`)"
-            )
+            hint = f" (for a hub id write `hub: {entry.path}`)" if _HUB_ID.match(entry.path) else ""
+            raise RecipeError(f"{recipe}: {where}.path: {path} does not exist{hint}")
         return [(str(path), entry.weight)]
     pattern = str(folder / Path(entry.glob).expanduser())
     matches = sorted(globlib.glob(pattern, recursive=True))

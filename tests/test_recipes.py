@@ -119,3 +119,18 @@ def test_cli_run_exits_2_on_an_invalid_recipe_and_dry_run_lists_jobs(folder):
     assert result.exit_code == 0, result.output
     assert "loras/style_2" in result.output and "would run" in result.output
     assert not (folder / "out").exists()
+
+
+def test_the_example_recipe_is_valid(tmp_path):
+    example = Path(__file__).parents[1] / "examples" / "recipe.yaml"
+    (tmp_path / "loras" / "watercolor").mkdir(parents=True)
+    (tmp_path / "loras" / "characters").mkdir()
+    for name in ("ink.safetensors", "characters/alice.safetensors", "characters/bob.safetensors"):
+        (tmp_path / "loras" / name).touch()
+    copy = tmp_path / "recipe.yaml"
+    copy.write_text(example.read_text())
+    style, character, quick = load_recipe(copy).jobs
+    assert style.weights == (0.7, 0.3) and (style.rank, style.dtype, style.format) == (32, "float16", "peft")
+    assert character.adapters[-1] == "some-user/some-lora" and len(character.adapters) == 3
+    assert (character.method, character.params, character.format) == ("ties", {"density": 0.3}, "kohya")
+    assert quick.name == "quick" and quick.adapters[1].endswith("alice.safetensors")
