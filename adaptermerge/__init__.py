@@ -16,8 +16,23 @@ __all__ = [
     "get_method",
     "list_methods",
     "load_adapter",
+    "load_merged_adapters",
     "merge_adapters",
+    "patch",
     "save_adapter",
+    "set_merge_weights",
 ]
+
+_INTEGRATIONS = ("load_merged_adapters", "patch", "set_merge_weights")
+
+
+def __getattr__(name: str):
+    """Integrations load on first use, so `import adaptermerge` imports no host library."""
+    if name in _INTEGRATIONS:
+        from . import integrations
+
+        return getattr(integrations, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __version__ = "0.1.0"

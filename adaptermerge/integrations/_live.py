@@ -1,0 +1,169 @@
+"""Host-independent parts of `load_merged_adapters`: building the merged adapter and live re-weighting.
+
+A `linear` merge is the concatenation of every adapter's factors, `A = [A_1; …; A_T]` and `B = [w_1 B_1 … w_T B_T]`,
+so its rank `Σ r_t` does not depend on the weights. :class:`LiveMerge` keeps each adapter's factors in memory, and
+:meth:`LiveMerge.set_weights` rewrites only the columns of the host's `lora_B` weights in place: no file is read, no
+layer is rebuilt, and the cost is proportional to the size of the `lora_B` factors, not of the base model. A zero
+weight zeroes its block instead of dropping it, so the layers keep their shape.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..adapter import Adapter, AdapterMetadata, check_compatible, module_shape, module_union
+from ..errors import IncompatibleAdaptersError, InvalidParameterError
+from ..lowrank import LowRank, concat
+from ..merge import AdapterLike, load_adapters, merge_adapters
+from ..weights import Weight, check_weights
+
+__all__ = ["LiveMerge", "build_merge", "check_host_modules"]
+
+logger = logging.getLogger(__name__)
+LIVE_ATTRIBUTE = "_adaptermerge_live"
+
+
+@dataclass
+class LiveMerge:
+    """The sources of a `linear` merge loaded into a host, to re-weight it in place.
+
+    Args:
+        adapter_name (`str`): the host's name of the merged adapter.
+        sources (`dict[str, list[tuple[int, LowRank]]]`): per module, `(adapter index, update)` in column order.
+        n_adapters (`int`): how many adapters were merged (the length `set_weights` expects).
+        layers (`dict[str, torch.nn.Module]`): per module, the host's peft LoRA layer, filled in after loading.
+    """
+
+    adapter_name: str
+    sources: dict[str, list[tuple[int, LowRank]]]
+    n_adapters: int
+    layers: dict[str, torch.nn.Module] | None = None
+
+    def set_weights(self, weights: Sequence[Weight]) -> None:
+        """Write `Σ`-ordered blocks `w_t B_t` into the host's `lora_B` weights, in place.
+
+        Raises:
+            InvalidParameterError: for a weight list of the wrong length or a weight that is not a finite number.
+            IncompatibleAdaptersError: when the merged adapter was fused, deleted or replaced in the host.
+        """
+        resolvers = check_weights(weights, self.n_adapters)
+        with torch.no_grad():
+            for module, sources in self.sources.items():
+                up = self._lora_B(module)
+                offset = 0
+                for index, update in sources:
+                    block = up[:, offset : offset + update.rank]
+                    block.copy_(update.B).mul_(resolvers[index](module))
+                    offset += update.rank
+
+    def _lora_B(self, module: str) -> torch.Tensor:
+        layer = self.layers[module]
+        lora_B = getattr(layer, "lora_B", {})
+        if self.adapter_name not in lora_B:
+            raise IncompatibleAdaptersError(
+                f"module {module!r} no longer holds adapter {self.adapter_name!r} (deleted or unloaded); "
+                "call load_merged_adapters again"
+            )
+        if self.adapter_name in getattr(layer, "merged_adapters", ()):
+            raise IncompatibleAdaptersError(
+                f"adapter {self.adapter_name!r} is fused into module {module!r}; call unfuse_lora() before "
+                "set_merge_weights, and fuse again afterwards"
+            )
+        weight = lora_B[self.adapter_name].weight
+        return weight.view(weight.shape[0], weight.shape[1])
+
+
+def build_merge(
+    adapters: Sequence[AdapterLike],
+    weights: Sequence[Weight] | None,
+    method: str,
+    *,
+    adapter_name: str,
+    dtype: torch.dtype | None,
+    params: dict[str, Any],
+) -> tuple[Adapter, LiveMerge | None]:
+    """The merged adapter to load and, for a plain `linear` merge, the state that re-weights it live.
+
+    `linear` without `rank` concatenates every adapter that has a module, zero weights included (as zero blocks),
+    so later weights can be written into the same layers. Every other method goes through :func:`merge_adapters`.
+    """
+    if method != "linear" or params:
+        merged = merge_adapters(adapters, weights, method, dtype=dtype, adapter_name=adapter_name, **params)
+        return merged, None
+    loaded = load_adapters(adapters)
+    resolvers = check_weights(weights, len(loaded))
+    modules = module_union(loaded)
+    check_compatible(loaded, modules)
+    out_dtype = dtype or loaded[0].metadata.dtype
+    sources: dict[str, list[tuple[int, LowRank]]] = {}
+    merged: dict[str, LowRank] = {}
+    for module in modules:
+        pairs = [(i, a[module].to(out_dtype)) for i, a in enumerate(loaded) if module in a]
+        if any(update.magnitude is not None for _, update in pairs):
+            raise IncompatibleAdaptersError(f"module {module!r} is a DoRA module; linear merges plain LoRA only")
+        sources[module] = pairs
+        merged[module] = concat([u for _, u in pairs], [resolvers[i](module) for i, _ in pairs]).to(out_dtype)
+    first = loaded[0].metadata
+    provenance = {"method": "linear", "weights": [r.spec for r in resolvers], "sources": [a.name for a in loaded]}
+    metadata = AdapterMetadata(
+        base_model=first.base_model,
+        format=first.format,
+        dtype=out_dtype,
+        extra={**first.extra, "provenance": provenance},
+    )
+    return Adapter(merged, metadata, adapter_name), LiveMerge(adapter_name, sources, len(loaded))
+
+
+def check_host_modules(adapter: Adapter, find: Callable[[str], torch.nn.Module | None], host: str) -> None:
+    """Every module of `adapter` exists in the host (`find` returns it, or None) with the adapter's shape.
+
+    Raises:
+        IncompatibleAdaptersError: naming the first module that is missing or has another shape.
+    """
+    for module in adapter:
+        layer = find(module)
+        if layer is None:
+            raise IncompatibleAdaptersError(
+                f"module {module!r} of adapter {adapter.name!r} does not exist in {host}; the adapters were trained "
+                "on another base model (or for another pipeline component)"
+            )
+        weight = getattr(getattr(layer, "base_layer", layer), "weight", None)
+        expected = module_shape(adapter, module)
+        found = None if weight is None else (weight.shape[0], weight[0].numel(), *weight.shape[2:])
+        if found is None or found[:2] != expected[:2] or (len(expected) > 2 and found[2:] != expected[2:]):
+            raise IncompatibleAdaptersError(
+                f"module {module!r} of adapter {adapter.name!r} has shape {expected} (out, in, kernel) but the "
+                f"layer in {host} has {None if weight is None else tuple(weight.shape)}; the adapters were trained "
+                "on another base model"
+            )
+
+
+def host_live(host: Any) -> dict[str, LiveMerge]:
+    """The live merges recorded on a host object (created on first use)."""
+    live = getattr(host, LIVE_ATTRIBUTE, None)
+    if live is None:
+        live = {}
+        setattr(host, LIVE_ATTRIBUTE, live)
+    return live
+
+
+def set_merge_weights(host: Any, weights: Sequence[Weight], *, adapter_name: str = "merged") -> None:
+    """Change the weights of a `linear` merge loaded by `load_merged_adapters`, in place (see module docstring).
+
+    Raises:
+        InvalidParameterError: when no live `linear` merge of that name is loaded in `host`, or for bad weights.
+    """
+    live = host_live(host).get(adapter_name)
+    if live is None:
+        raise InvalidParameterError(
+            f"no live linear merge named {adapter_name!r} on this {type(host).__name__}; only "
+            "load_merged_adapters(..., method='linear') without rank= can be re-weighted in place. Call "
+            "load_merged_adapters again with the new weights for other methods"
+        )
+    live.set_weights(weights)
+    logger.debug("re-weighted %s: %d modules", adapter_name, len(live.sources))

@@ -1,0 +1,93 @@
+"""`load_merged_adapters` for transformers models and peft `PeftModel`s, through their own adapter loaders.
+
+A transformers `PreTrainedModel` receives the merged adapter by `model.load_adapter(adapter_name=…,
+peft_config=…, adapter_state_dict=…)`; a `PeftModel` by `add_adapter` + `set_peft_model_state_dict`. Either way it
+is an ordinary peft LoRA adapter afterwards: `set_adapter`, `disable_adapters`, `delete_adapter(s)`,
+`merge_and_unload` and `save_pretrained` work on it. Module names are the adapters' PEFT names
+(`model.layers.0.self_attn.q_proj`), relative to the transformers model.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from ..adapter import Adapter
+from ..errors import IncompatibleAdaptersError
+from ..io import peft as peft_io
+from ..merge import AdapterLike
+from ..weights import Weight
+from ._live import build_merge, check_host_modules, host_live
+
+__all__ = ["load_into_model"]
+
+logger = logging.getLogger(__name__)
+
+
+def _find(model: torch.nn.Module, module: str) -> torch.nn.Module | None:
+    try:
+        return model.get_submodule(module)
+    except AttributeError:
+        return None
+
+
+def _load_into_peft_model(model: Any, state_dict: dict, config: dict, adapter_name: str) -> None:
+    from peft import LoraConfig
+    from peft.utils import set_peft_model_state_dict
+
+    if adapter_name in model.peft_config:
+        model.delete_adapter(adapter_name)
+    model.add_adapter(adapter_name, LoraConfig(**config))
+    result = set_peft_model_state_dict(model, state_dict, adapter_name=adapter_name)
+    missing = [key for key in result.missing_keys if f".{adapter_name}." in key and "lora_" in key]
+    if missing:
+        raise IncompatibleAdaptersError(f"peft did not fill {missing[0]} (and {len(missing) - 1} more) from the merge")
+    model.set_adapter(adapter_name)
+
+
+def _load_into_transformers_model(model: Any, state_dict: dict, config: dict, adapter_name: str) -> None:
+    from peft import LoraConfig
+
+    if getattr(model, "_hf_peft_config_loaded", False) and adapter_name in model.peft_config:
+        model.delete_adapter(adapter_name)
+    model.load_adapter(adapter_name=adapter_name, peft_config=LoraConfig(**config), adapter_state_dict=state_dict)
+    model.set_adapter(adapter_name)
+
+
+def load_into_model(
+    model: Any,
+    adapters: Sequence[AdapterLike],
+    weights: Sequence[Weight] | None = None,
+    method: str = "linear",
+    *,
+    adapter_name: str = "merged",
+    dtype: torch.dtype | None = None,
+    **params: Any,
+) -> Adapter:
+    """Merge `adapters` and load the result into a transformers model or `PeftModel` as the active `adapter_name`.
+
+    An adapter already loaded under `adapter_name` is replaced. See :func:`adaptermerge.load_merged_adapters`.
+    """
+    from peft import PeftModel
+
+    is_peft = isinstance(model, PeftModel)
+    base = model.get_base_model() if is_peft else model
+    dtype = dtype or base.dtype
+    merged, live = build_merge(adapters, weights, method, adapter_name=adapter_name, dtype=dtype, params=params)
+    check_host_modules(merged, lambda m: _find(base, m), type(base).__name__)
+    state_dict, config = peft_io.to_state_dict(merged, dtype)
+    config = {k: v for k, v in config.items() if k != "peft_type"}
+    if is_peft:
+        _load_into_peft_model(model, state_dict, config, adapter_name)
+    else:
+        _load_into_transformers_model(model, state_dict, config, adapter_name)
+    registry = host_live(model)
+    registry.pop(adapter_name, None)
+    if live is not None:
+        live.layers = {module: base.get_submodule(module) for module in live.sources}
+        registry[adapter_name] = live
+    logger.info("loaded merged adapter %r (%s, %d modules) into %s", adapter_name, method, len(merged), type(base))
+    return merged
