@@ -26,6 +26,7 @@ LAYERS = {
     "quality": 6,
     "integrations": 6,
     "cli": 7,
+    "ui": 7,
 }
 HEAVY = ("transformers", "diffusers", "peft", "gradio", "ray", "matplotlib", "sklearn")
 

@@ -1,0 +1,30 @@
+"""The `ui` verb: start the Gradio app (the demo's digits models and adapters unless told otherwise)."""
+
+from __future__ import annotations
+
+import click
+
+__all__ = ["COMMANDS"]
+
+
+@click.command("ui")
+@click.option("--host", default="127.0.0.1", help="Address to bind; anything but loopback is reachable by others.")
+@click.option("--port", type=int, default=None, help="Port to listen on; the first free one from 7860 by default.")
+@click.option("--base", default=None, help="Base model (local path or hub id); the embedded digits demo by default.")
+@click.option(
+    "--adapters",
+    "adapters_dir",
+    type=click.Path(exists=True, file_okay=False),
+    default=None,
+    help="Folder of adapters to offer (the only folder the app reads); the demo's adapters by default.",
+)
+def ui(host: str, port: int | None, base: str | None, adapters_dir: str | None) -> None:
+    """Mix adapters with sliders in the browser, see the merge's effect live, and export it."""
+    from ..ui import launch
+
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        click.echo(f"Warning: binding to {host}; anyone who can reach it can use the app.", err=True)
+    launch(host=host, port=port, base=base, adapters_dir=adapters_dir)
+
+
+COMMANDS = [ui]
