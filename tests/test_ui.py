@@ -1,0 +1,199 @@
+"""The Gradio app driven through gradio_client: every control, on the embedded digits demo, served once per module."""
+
+import re
+import socket
+import time
+import zipfile
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+pytest.importorskip("gradio")
+from gradio_client import Client, handle_file  # noqa: E402
+from gradio_client.exceptions import AppError  # noqa: E402
+
+from adaptermerge import load_adapter, merge_adapters, save_adapter  # noqa: E402
+from adaptermerge.cli import main  # noqa: E402
+from adaptermerge.ui import MAX_ADAPTERS, launch  # noqa: E402
+from tests.factories import make_adapter  # noqa: E402
+
+TASKS = ["digit", "parity", "ge7", "mod3", "loop", "prime", "rot90", "inverted"]
+# density, att_ratio, fuse_weight, seed, rank, majority_sign_method, param_reweighting, output_reweighting
+PARAMS = [0.2, 0.2, 2.0, 0, None, "total", True, True]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served():
+    port = free_port()
+    app = launch(port=port, prevent_thread_lock=True)
+    try:
+        yield app, Client(f"http://127.0.0.1:{port}/", verbose=False), f"http://127.0.0.1:{port}"
+    finally:
+        app.close()
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    return served[1]
+
+
+def weights(**by_task):
+    return [by_task.get(t, 0.0) for t in TASKS] + [0.0] * (MAX_ADAPTERS - len(TASKS))
+
+
+def merged_scores(preview_html: str) -> dict[str, float]:
+    rows = re.findall(
+        r"<td>(\w+)</td><td>([\d.]+)</td><td>([\d.]*)</td><td class='am-merged'>([\d.]+)</td>", preview_html
+    )
+    return {task: float(merged) for task, _, _, merged in rows}
+
+
+def base_and_own(preview_html: str) -> dict[str, tuple[float, float]]:
+    rows = re.findall(r"<td>(\w+)</td><td>([\d.]+)</td><td>([\d.]*)</td>", preview_html)
+    return {task: (float(base), float(own)) for task, base, own in rows}
+
+
+def preview(client, method="linear", params=PARAMS, **by_task):
+    return client.predict(method, *weights(**by_task), *params, api_name="/preview")
+
+
+def test_preview_follows_the_slider_well_under_a_second(client):
+    uniform, _, _ = preview(client, **{t: 0.125 for t in TASKS})
+    started = time.perf_counter()
+    digit_only, _, timing = preview(client, digit=1.0)
+    round_trip = time.perf_counter() - started
+    scores, reference = merged_scores(digit_only), base_and_own(digit_only)
+    assert set(scores) == set(TASKS)
+    assert scores != merged_scores(uniform)
+    assert scores["digit"] == pytest.approx(reference["digit"][1], abs=1e-3)  # the digit LoRA alone is its own row
+    server_ms = float(re.search(r"(\d+) ms", timing).group(1))
+    print(f"slider → preview: {server_ms:.0f} ms in the server, {1000 * round_trip:.0f} ms round trip")
+    assert server_ms < 500 and round_trip < 1.0
+
+
+def test_negative_weight_subtracts_the_adapter(client):
+    html, _, _ = preview(client, digit=-1.0)
+    base, _ = base_and_own(html)["digit"]
+    assert merged_scores(html)["digit"] < base - 0.05
+
+
+def test_all_weights_zero_shows_the_base_model(client):
+    html, heatmap, _ = preview(client)
+    assert all(merged == base for merged, (base, _) in zip(merged_scores(html).values(), base_and_own(html).values()))
+    assert "nonzero weight" in heatmap
+
+
+def test_heatmap_shows_the_selected_adapters_with_signed_cosines(client):
+    _, heatmap, _ = preview(client, digit=0.5, parity=0.5, rot90=-0.5)
+    header = re.findall(r"<th>(\w+)</th>", heatmap)
+    assert header[:3] == ["digit", "parity", "rot90"] and "ge7" not in header
+    cells = [float(c) for c in re.findall(r"<td[^>]*>([+-][\d.]+)</td>", heatmap)]
+    assert len(cells) == 9 and cells[0] == cells[4] == cells[8] == 1.0
+    assert cells[1] == cells[3] and cells[2] == cells[6]  # symmetric
+
+
+def test_heatmap_cosine_matches_the_dense_updates(client):
+    _, heatmap, _ = preview(client, digit=1.0, parity=1.0)
+    shown = float(re.findall(r"<td[^>]*>([+-][\d.]+)</td>", heatmap)[1])
+    from adaptermerge.quality import load_demo_suite
+
+    digit, parity = (load_demo_suite().adapters()[i] for i in (0, 1))
+    dense = [torch.cat([a[m].to_dense().flatten() for m in sorted(a)]) for a in (digit, parity)]
+    assert shown == pytest.approx(float(torch.nn.functional.cosine_similarity(*dense, dim=0)), abs=0.006)
+
+
+def test_method_dropdown_shows_only_that_methods_parameters(client):
+    names = ["density", "att_ratio", "fuse_weight", "seed", "rank", "majority_sign_method", "param_reweighting"]
+    for method, expected in [("ties", {"density", "majority_sign_method", "rank"}), ("linear", set())]:
+        doc, *updates = client.predict(method, api_name="/select_method")
+        visible = {name for name, update in zip(names, updates) if update["visible"]}
+        assert visible == expected, method
+    doc, density, *_ = client.predict("ties", api_name="/select_method")
+    assert "TIES" in doc and density["value"] == 0.2
+
+
+def test_method_parameters_reach_the_merge(client):
+    sparse = preview(client, "ties", [0.05, *PARAMS[1:]], **{t: 0.3 for t in TASKS})[0]
+    dense = preview(client, "ties", [1.0, *PARAMS[1:]], **{t: 0.3 for t in TASKS})[0]
+    assert merged_scores(sparse) != merged_scores(dense)
+
+
+def test_out_of_range_parameter_shows_an_error_not_a_traceback(client):
+    with pytest.raises(AppError, match="density"):
+        preview(client, "ties", [1.5, *PARAMS[1:]], digit=1.0)
+
+
+def test_export_writes_the_merge_for_download(client, tmp_path):
+    path = client.predict("linear", *weights(digit=0.7, parity=-0.2), *PARAMS, "peft", api_name="/export")
+    with zipfile.ZipFile(path) as archive:
+        archive.extractall(tmp_path / "merged")
+    exported = load_adapter(tmp_path / "merged")
+    from adaptermerge.quality import load_demo_suite
+
+    suite = load_demo_suite()
+    expected = merge_adapters([load_adapter(suite.adapter_paths[t]) for t in ("digit", "parity")], [0.7, -0.2])
+    for module in expected:
+        torch.testing.assert_close(exported[module].to_dense(), expected[module].to_dense(), atol=1e-5, rtol=1e-4)
+
+
+def test_export_to_a_format_that_cannot_hold_it_shows_the_reason(client):
+    with pytest.raises(AppError, match="write it with --format peft"):
+        client.predict("linear", *weights(digit=1.0), *PARAMS, "kohya", api_name="/export")
+
+
+def test_upload_of_a_compatible_adapter_adds_a_slider(client, tmp_path):
+    shapes = {"fc1": (128, 64), "fc2": (128, 128), "fc3": (64, 128)}
+    folder = save_adapter(make_adapter(shapes, rank=2, seed=3), tmp_path / "extra", format="peft")
+    files = [handle_file(str(folder / name)) for name in ("adapter_config.json", "adapter_model.safetensors")]
+    *sliders, status = client.predict(files, api_name="/upload")
+    assert "Added upload" in status
+    html, _, _ = client.predict("linear", *([0.0] * len(TASKS) + [1.0] + [0.0] * 7), *PARAMS, api_name="/preview")
+    assert merged_scores(html) != merged_scores(preview(client)[0])
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "reason"),
+    [
+        ("garbage.safetensors", b"\x00not a safetensors file", "unreadable|truncated|safetensors"),
+        ("weights.bin", b"\x80\x04pickle", "not pickles"),
+    ],
+)
+def test_upload_of_a_bad_file_is_refused_in_the_page(client, tmp_path, name, content, reason):
+    path = tmp_path / name
+    path.write_bytes(content)
+    *_, status = client.predict([handle_file(str(path))], api_name="/upload")
+    assert re.search(f"Adapter refused: .*({reason})", status), status
+
+
+def test_upload_of_an_incompatible_adapter_is_refused(client, tmp_path):
+    folder = save_adapter(make_adapter({"fc1": (32, 16)}, rank=2, seed=1), tmp_path / "other", format="peft")
+    files = [handle_file(str(folder / name)) for name in ("adapter_config.json", "adapter_model.safetensors")]
+    *_, status = client.predict(files, api_name="/upload")
+    assert "Adapter refused" in status and "different shapes" in status
+
+
+def test_files_outside_the_given_folders_are_not_served(served):
+    import httpx
+
+    assert httpx.get(f"{served[2]}/gradio_api/file=/etc/passwd").status_code in (403, 404)
+
+
+def test_cli_warns_on_a_public_host_and_passes_the_folders(monkeypatch, tmp_path):
+    seen = {}
+    monkeypatch.setattr("adaptermerge.ui.launch", lambda **kwargs: seen.update(kwargs))
+    result = CliRunner().invoke(main, ["ui", "--host", "0.0.0.0", "--port", "7999", "--adapters", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "Warning: binding to 0.0.0.0" in result.output
+    assert seen == {"host": "0.0.0.0", "port": 7999, "base": None, "adapters_dir": str(tmp_path)}
+
+
+def test_cli_refuses_an_adapter_folder_without_adapters(tmp_path):
+    result = CliRunner().invoke(main, ["ui", "--adapters", str(tmp_path)])
+    assert result.exit_code == 2 and "no adapters" in result.output
