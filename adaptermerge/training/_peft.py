@@ -50,7 +50,8 @@ def lora_layers(model: nn.Module, adapter_name: str) -> dict[str, nn.Module]:
 @contextlib.contextmanager
 def adapters_disabled(model: nn.Module) -> Iterator[None]:
     """Run the model as its base model: every peft layer's adapters off, trainable flags restored afterwards."""
-    layers = [m for m in model.modules() if hasattr(m, "enable_adapters") and hasattr(m, "disable_adapters")]
+    # peft's BaseTunerLayer (not transformers' model-level enable_adapters/disable_adapters methods)
+    layers = [m for m in model.modules() if hasattr(m, "adapter_layer_names") and hasattr(m, "enable_adapters")]
     flags = {p: p.requires_grad for m in layers for p in m.parameters()}
     states = [(m, m.disable_adapters) for m in layers]
     try:
