@@ -79,9 +79,7 @@ def _param_controls(methods: Mapping[str, Any]) -> list[ParamControl]:
 
 
 def _coerce(control: ParamControl, value: Any) -> Any:
-    if control.kind == "optional_int":
-        return None if value in (None, "") else int(value)
-    if control.kind == "int":
+    if control.kind in ("int", "optional_int"):
         return int(value)
     if control.kind == "float":
         return float(value)
@@ -317,7 +315,8 @@ def build_app(bench: Workbench) -> Any:
 
     def params_of(method: str, values: Sequence[Any]) -> dict[str, Any]:
         names = set(methods[method].param_names)
-        return {c.name: _coerce(c, v) for c, v in zip(controls, values) if c.name in names}
+        # an empty box means the method's default (or None for an optional rank)
+        return {c.name: _coerce(c, v) for c, v in zip(controls, values) if c.name in names and v not in (None, "")}
 
     def split(values: Sequence[Any]) -> tuple[list[float], list[Any]]:
         return [float(w or 0.0) for w in values[:MAX_ADAPTERS]], list(values[MAX_ADAPTERS:])
@@ -403,16 +402,17 @@ def build_app(bench: Workbench) -> Any:
 
         inputs = [method, *sliders, *widgets]
         outputs = [preview, heatmap, timing]
+        preview_args = {"fn": on_preview, "inputs": inputs, "outputs": outputs, "api_visibility": "private"}
         gr.on(
-            [s.release for s in sliders] + [w.input for w in widgets] + [method.change, app.load],
+            [s.release for s in sliders] + [w.input for w in widgets],
             on_preview,
             inputs,
             outputs,
             api_name="preview",
             trigger_mode="always_last",
         )
-        method.change(on_method, method, [method_doc, *widgets], api_name="select_method")
-        app.load(on_method, method, [method_doc, *widgets], api_visibility="private")
+        method.change(on_method, method, [method_doc, *widgets], api_name="select_method").then(**preview_args)
+        app.load(on_method, method, [method_doc, *widgets], api_visibility="private").then(**preview_args)
         uploads.upload(on_upload, uploads, [*sliders, upload_status], api_name="upload")
         export_button.click(on_export, [*inputs, fmt], exported, api_name="export")
     return app
