@@ -1,0 +1,187 @@
+"""`load_merged_adapters` on a tiny Stable-Diffusion pipeline, checked against diffusers' own LoRA loading."""
+
+import pytest
+import torch
+
+import adaptermerge
+from adaptermerge import Adapter, LowRank, load_merged_adapters, save_adapter, set_merge_weights
+from adaptermerge.errors import IncompatibleAdaptersError, InvalidParameterError
+
+from .tiny_models import save_random_pipeline_lora, tiny_sd_pipeline
+
+ATOL = 1e-5
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Tiny layers run ~50x faster on one thread than on two threads of a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def loras(tmp_path_factory):
+    """Two SD LoRAs of different ranks and alphas (the second has mixed ranks), written by diffusers."""
+    folder = tmp_path_factory.mktemp("sd_loras")
+    pipe = tiny_sd_pipeline()
+    first = save_random_pipeline_lora(pipe, folder / "a", seed=1, rank=4, alpha=8)
+    second = save_random_pipeline_lora(pipe, folder / "b", seed=2, rank=2, rank_pattern={"to_q": 3})
+    return [first, second]
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(1, 4, 8, 8, generator=generator), torch.randint(2, 50, (1, 16), generator=generator)
+
+
+def outputs(pipe, inputs):
+    """Text-encoder hidden states and the UNet's prediction on them."""
+    latents, ids = inputs
+    with torch.no_grad():
+        hidden = pipe.text_encoder(ids)[0]
+        return hidden, pipe.unet(latents, 10, encoder_hidden_states=hidden).sample
+
+
+def assert_outputs_close(got, expected, atol=ATOL):
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, atol=atol, rtol=0)
+
+
+def host_combination(loras, weights):
+    """The adapters loaded by diffusers and combined exactly by its own `set_adapters`."""
+    pipe = tiny_sd_pipeline()
+    for i, path in enumerate(loras):
+        pipe.load_lora_weights(str(path), adapter_name=f"a{i}")
+    pipe.set_adapters([f"a{i}" for i in range(len(loras))], weights)
+    return pipe
+
+
+def test_patch_adds_methods_to_every_lora_pipeline():
+    from diffusers import StableDiffusionXLPipeline
+    from diffusers.loaders.lora_base import LoraBaseMixin
+
+    adaptermerge.patch()
+    assert LoraBaseMixin.load_merged_adapters is load_merged_adapters
+    assert StableDiffusionXLPipeline.set_merge_weights is set_merge_weights
+
+
+def test_linear_merge_equals_host_set_adapters(loras, inputs):
+    weights = [0.7, -0.4]
+    pipe = tiny_sd_pipeline()
+    base = outputs(pipe, inputs)
+    load_merged_adapters(pipe, loras, weights)
+    got = outputs(pipe, inputs)
+    assert_outputs_close(got, outputs(host_combination(loras, weights), inputs))
+    assert all((g - b).abs().max() > 1e-2 for g, b in zip(got, base))
+    assert pipe.get_active_adapters() == ["merged"]
+
+
+def test_set_merge_weights_equals_fresh_load_and_keeps_layers(loras, inputs):
+    pipe = tiny_sd_pipeline()
+    adaptermerge.patch()
+    pipe.load_merged_adapters(loras, [1.0, 1.0])
+    layer = pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q
+    lora_B = layer.lora_B["merged"].weight
+    for weights in ([0.3, 0.0], [-0.5, 1.2]):
+        pipe.set_merge_weights(weights)
+        fresh = tiny_sd_pipeline()
+        fresh.load_merged_adapters(loras, weights)
+        assert_outputs_close(outputs(pipe, inputs), outputs(fresh, inputs))
+    assert layer.lora_B["merged"].weight is lora_B
+
+
+def test_set_merge_weights_takes_per_module_weights(loras, inputs):
+    weights = [{"unet": 0.5, "text_encoder": 0.0}, {"default": 1.0, "to_k": -1.0}]
+    pipe = tiny_sd_pipeline()
+    load_merged_adapters(pipe, loras)
+    set_merge_weights(pipe, weights)
+    fresh = tiny_sd_pipeline()
+    load_merged_adapters(fresh, loras, weights)
+    assert_outputs_close(outputs(pipe, inputs), outputs(fresh, inputs))
+
+
+@pytest.mark.parametrize(("method", "params"), [("ties", {"density": 0.5}), ("svd", {"rank": 3})])
+def test_other_methods_change_output_and_match_their_file_loaded_by_diffusers(loras, inputs, tmp_path, method, params):
+    pipe = tiny_sd_pipeline()
+    merged = load_merged_adapters(pipe, loras, [0.6, 0.8], method, **params)
+    got = outputs(pipe, inputs)
+    linear = outputs(host_combination(loras, [0.6, 0.8]), inputs)
+    assert all((g - e).abs().max() > 1e-3 for g, e in zip(got, linear))
+    file = save_adapter(merged, tmp_path / "merged", format="diffusers")
+    host = tiny_sd_pipeline()
+    host.load_lora_weights(str(file), adapter_name="from_file")
+    assert_outputs_close(got, outputs(host, inputs))
+    with pytest.raises(InvalidParameterError, match="no live linear merge"):
+        set_merge_weights(pipe, [1.0, 1.0])
+
+
+def test_fuse_unfuse_disable_delete_work_on_the_merged_adapter(loras, inputs):
+    pipe = tiny_sd_pipeline()
+    base = outputs(pipe, inputs)
+    load_merged_adapters(pipe, loras, [0.5, 0.5])
+    active = outputs(pipe, inputs)
+    pipe.fuse_lora()
+    assert_outputs_close(outputs(pipe, inputs), active)
+    with pytest.raises(IncompatibleAdaptersError, match="unfuse_lora"):
+        set_merge_weights(pipe, [1.0, 1.0])
+    pipe.unfuse_lora()
+    assert_outputs_close(outputs(pipe, inputs), active)
+    pipe.disable_lora()
+    assert_outputs_close(outputs(pipe, inputs), base)
+    pipe.enable_lora()
+    pipe.delete_adapters("merged")
+    assert_outputs_close(outputs(pipe, inputs), base)
+    with pytest.raises(IncompatibleAdaptersError, match="no longer holds"):
+        set_merge_weights(pipe, [1.0, 1.0])
+
+
+def test_loading_again_replaces_the_adapter_of_that_name(loras, inputs):
+    pipe = tiny_sd_pipeline()
+    load_merged_adapters(pipe, loras, [1.0, 1.0])
+    load_merged_adapters(pipe, loras, [0.2, 0.3])
+    fresh = tiny_sd_pipeline()
+    load_merged_adapters(fresh, loras, [0.2, 0.3])
+    assert_outputs_close(outputs(pipe, inputs), outputs(fresh, inputs))
+    assert pipe.get_list_adapters()["unet"] == ["merged"]
+
+
+def _one_module_adapter(name, out_features, in_features):
+    lowrank = LowRank(torch.randn(2, in_features), torch.randn(out_features, 2))
+    return Adapter({name: lowrank}, name="bad")
+
+
+def test_missing_module_error_names_the_module():
+    pipe = tiny_sd_pipeline()
+    bad = _one_module_adapter("unet.down_blocks.0.attentions.0.no_such_layer", 8, 8)
+    with pytest.raises(IncompatibleAdaptersError, match="no_such_layer"):
+        load_merged_adapters(pipe, [bad])
+    llm = _one_module_adapter("model.layers.0.self_attn.q_proj", 16, 16)
+    with pytest.raises(IncompatibleAdaptersError, match=r"model\.layers\.0\.self_attn\.q_proj"):
+        load_merged_adapters(pipe, [llm])
+    assert pipe.get_list_adapters() == {}
+
+
+def test_wrong_base_model_shape_error_names_the_module():
+    pipe = tiny_sd_pipeline()
+    name = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    with pytest.raises(IncompatibleAdaptersError, match=r"attn1\.to_q.*another base model"):
+        load_merged_adapters(pipe, [_one_module_adapter(name, 320, 320)])
+
+
+def test_hub_ids_resolve_through_huggingface_hub(loras, inputs, monkeypatch):
+    import huggingface_hub
+
+    asked = []
+
+    def snapshot_download(repo_id, **kwargs):
+        asked.append(repo_id)
+        return str(loras[int(repo_id.endswith("b"))])
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    pipe = tiny_sd_pipeline()
+    load_merged_adapters(pipe, ["someone/lora-a", "someone/lora-b"], [0.7, -0.4])
+    assert asked == ["someone/lora-a", "someone/lora-b"]
+    assert_outputs_close(outputs(pipe, inputs), outputs(host_combination(loras, [0.7, -0.4]), inputs))
