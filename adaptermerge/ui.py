@@ -31,7 +31,7 @@ from .lowrank import inner
 from .merge import merge_adapters
 from .methods import list_methods
 
-__all__ = ["MAX_ADAPTERS", "MAX_UPLOAD_BYTES", "Workbench", "build_app", "launch"]
+__all__ = ["MAX_ADAPTERS", "MAX_UPLOAD_BYTES", "TextPreview", "Workbench", "build_app", "launch"]
 
 logger = logging.getLogger(__name__)
 MAX_ADAPTERS = 16
@@ -93,8 +93,8 @@ class Workbench:
 
     Args:
         adapters (`list[Adapter]`): the adapters offered at start (materialised here).
-        preview (`callable`, *optional*): merged adapter (or `None` for the base) → task → score; the demo's
-            `Suite.evaluate`. Without one the page shows the merged adapter's summary.
+        preview (`callable`, *optional*): merged adapter (or `None` for the base) → task → score (the demo's
+            `Suite.evaluate`) or generated text (:class:`TextPreview`). Without one the page lists the merged modules.
         reference (`dict`, *optional*): task → own adapter's score, shown next to the merge.
         threads (`int`, *optional*): torch threads while merging and previewing; tiny models run several times
             faster on one thread than on contended ones.
@@ -104,7 +104,7 @@ class Workbench:
         self,
         adapters: Sequence[Adapter],
         *,
-        preview: Callable[[Adapter | None], dict[str, float]] | None = None,
+        preview: Callable[[Adapter | None], dict[str, float] | str] | None = None,
         reference: Mapping[str, float] | None = None,
         threads: int | None = None,
     ) -> None:
@@ -178,6 +178,8 @@ class Workbench:
             return f"<table class='am-preview'><tr><th>module</th><th>merged</th></tr>{rows}</table>"
         with self._threads():
             scores = self.preview_fn(merged)
+        if isinstance(scores, str):
+            return f"<pre class='am-text'>{html.escape(scores)}</pre>"
         rows = []
         for task, score in scores.items():
             own = self.reference.get(task)
@@ -245,12 +247,56 @@ def make_workbench(base: str | None = None, adapters_dir: str | Path | None = No
     """
     if base in (None, DEMO) and adapters_dir is None:
         return demo_workbench()
-    if base not in (None, DEMO):
-        raise AdapterMergeError(
-            f"previewing base model {base!r} is not supported yet; start without --base to merge and export "
-            "your adapters (the preview then lists the merged modules)"
-        )
-    return Workbench(_read_folder(Path(adapters_dir)))
+    if adapters_dir is None:
+        raise AdapterMergeError(f"--base {base} needs --adapters DIR: the folder of adapters trained on it")
+    adapters = _read_folder(Path(adapters_dir))
+    return Workbench(adapters, preview=TextPreview(base) if base not in (None, DEMO) else None)
+
+
+class TextPreview:
+    """Greedy text from a causal LM with the merged update added to its weights (restored before the next merge).
+
+    The model is loaded once; a preview adds each merged module's `ΔW` to the matching Linear weight in place, so
+    nothing is re-read or rebuilt when a slider moves.
+
+    Args:
+        base (`str`): a local folder or hub id that `transformers.AutoModelForCausalLM` and `AutoTokenizer` read.
+        prompt (`str`): the text to continue.
+        max_new_tokens (`int`): the length of the continuation.
+    """
+
+    def __init__(self, base: str, *, prompt: str = "the", max_new_tokens: int = 16) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        try:
+            self.model = AutoModelForCausalLM.from_pretrained(base).eval()
+            self.tokenizer = AutoTokenizer.from_pretrained(base)
+        except (OSError, ValueError) as err:
+            raise AdapterMergeError(
+                f"cannot load base model {base!r} as a causal LM with a tokenizer: {err}"
+            ) from None
+        self.prompt, self.max_new_tokens = prompt, max_new_tokens
+        self.linears = {n: m for n, m in self.model.named_modules() if isinstance(m, torch.nn.Linear)}
+        self.originals: dict[str, torch.Tensor] = {}
+
+    def _key(self, name: str) -> str:
+        for candidate in (name, name.removeprefix("base_model.model."), f"model.{name}"):
+            if candidate in self.linears:
+                return candidate
+        raise AdapterMergeError(f"adapter module {name!r} is not a Linear layer of the base model; wrong --base?")
+
+    @torch.no_grad()
+    def __call__(self, merged: Adapter | None) -> str:
+        for name, original in self.originals.items():
+            self.linears[name].weight.copy_(original)
+        for name, update in (merged or {}).items():
+            key = self._key(name)
+            module = self.linears[key]
+            self.originals.setdefault(key, module.weight.detach().clone())
+            module.weight.add_(update.to_dense().reshape(module.weight.shape).to(module.weight.dtype))
+        inputs = self.tokenizer(self.prompt, return_tensors="pt")
+        output = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
+        return self.prompt + " → " + self.tokenizer.decode(output[0, inputs["input_ids"].shape[1] :])
 
 
 def upload(bench: Workbench, files: Sequence[str | Path]) -> Adapter:
@@ -354,6 +400,10 @@ def build_app(bench: Workbench) -> Any:
             return [*slider_updates(), f"Adapter refused: {html.escape(str(err))}"]
         return [*slider_updates(), f"Added {html.escape(added.name)} ({len(added)} modules)."]
 
+    def set_prompt(text: str) -> None:
+        if isinstance(bench.preview_fn, TextPreview):
+            bench.preview_fn.prompt = text
+
     def on_export(method: str, *values: Any) -> str:
         *values, fmt = values
         weights, param_values = split(values)
@@ -396,6 +446,10 @@ def build_app(bench: Workbench) -> Any:
                     export_button = gr.Button("Export merged adapter", elem_id="export")
                 exported = gr.File(label="merged adapter", elem_id="exported")
             with gr.Column(scale=1):
+                text_base = isinstance(bench.preview_fn, TextPreview)
+                prompt = gr.Textbox(
+                    bench.preview_fn.prompt if text_base else "", label="prompt", visible=text_base, elem_id="prompt"
+                )
                 timing = gr.Markdown(elem_id="timing")
                 preview = gr.HTML(elem_id="preview")
                 heatmap = gr.HTML(elem_id="heatmap")
@@ -413,6 +467,7 @@ def build_app(bench: Workbench) -> Any:
         )
         method.change(on_method, method, [method_doc, *widgets], api_name="select_method").then(**preview_args)
         app.load(on_method, method, [method_doc, *widgets], api_visibility="private").then(**preview_args)
+        prompt.submit(set_prompt, prompt, None, api_name="set_prompt").then(**preview_args)
         uploads.upload(on_upload, uploads, [*sliders, upload_status], api_name="upload")
         export_button.click(on_export, [*inputs, fmt], exported, api_name="export")
     return app

@@ -197,3 +197,21 @@ def test_cli_warns_on_a_public_host_and_passes_the_folders(monkeypatch, tmp_path
 def test_cli_refuses_an_adapter_folder_without_adapters(tmp_path):
     result = CliRunner().invoke(main, ["ui", "--adapters", str(tmp_path)])
     assert result.exit_code == 2 and "no adapters" in result.output
+
+
+def test_llm_base_previews_generated_text_and_restores_the_base(tmp_path):
+    from adaptermerge.ui import make_workbench
+    from tests.tiny_models import save_random_llama_lora, tiny_clip_tokenizer, tiny_llama
+
+    tiny_llama().save_pretrained(tmp_path / "base")
+    tiny_clip_tokenizer().save_pretrained(tmp_path / "base")
+    for seed in (1, 2):
+        save_random_llama_lora(tmp_path / "adapters" / f"lora{seed}", seed=seed)
+    bench = make_workbench(str(tmp_path / "base"), tmp_path / "adapters")
+    assert bench.names == ["lora1", "lora2"]
+    base_text = bench.preview(bench.merge([0.0, 0.0], "linear", {}))
+    started = time.perf_counter()
+    mixed = bench.preview(bench.merge([2.0, -1.0], "linear", {}))
+    print(f"LLM slider → text: {1000 * (time.perf_counter() - started):.0f} ms")
+    assert mixed.startswith("<pre") and mixed != base_text
+    assert bench.preview(bench.merge([0.0, 0.0], "linear", {})) == base_text
