@@ -29,13 +29,13 @@ def _load_suites(names: list[str], cache_dir: Path | None, console: Console) -> 
             console.print("[dim]digits suite: training (or reading cached) task LoRAs...[/dim]")
             suites.append(load_digits_suite(cache_dir=cache_dir))
             continue
-        try:
-            from ..quality.wordnet import load_text_suite
-        except ImportError:
-            console.print("[yellow]text suite skipped: adaptermerge.quality.wordnet is not written yet[/yellow]")
-            continue
+        from ..quality.wordnet import TextSuiteUnavailable, load_text_suite
+
         console.print("[dim]text suite: training (or reading cached) task LoRAs on MiniLM...[/dim]")
-        suites.append(load_text_suite(cache_dir=cache_dir))
+        try:
+            suites.append(load_text_suite(cache_dir=cache_dir))
+        except TextSuiteUnavailable as err:
+            console.print(f"[yellow]text suite skipped: {err}[/yellow]")
     return suites
 
 
