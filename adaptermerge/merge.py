@@ -7,9 +7,12 @@ first input's dtype unless `dtype` says otherwise.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import dataclasses
+import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +22,33 @@ from tqdm.auto import tqdm
 from .adapter import Adapter, AdapterMetadata, check_compatible, module_union
 from .errors import IncompatibleAdaptersError, InvalidParameterError
 from .io import load_adapter
+from .io.base import BaseWeights
 from .lowrank import truncate
 from .methods import get_method
+from .methods.dora import merge_dora
 from .weights import Weight, check_weights
 
 __all__ = ["load_adapters", "merge_adapters"]
 
 logger = logging.getLogger(__name__)
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+def _release_freed_memory() -> None:
+    """Hand memory freed by the last module back to the system (glibc keeps it otherwise, and the peak grows with
+    the number of modules even though each module's tensors are released)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
 AdapterLike = Adapter | str | Path
 
 
@@ -42,6 +65,19 @@ def load_adapters(adapters: Sequence[AdapterLike], *, allow_pickle: bool = False
     return unique
 
 
+def _check_dora(adapter: str, module: str, method: str, base: BaseWeights | None, rank: int | None) -> None:
+    """Refuse DoRA merges that cannot be exact, naming the adapter, the module and what to change."""
+    where = f"adapter {adapter!r} is DoRA (module {module!r})"
+    if method != "linear":
+        raise IncompatibleAdaptersError(f"{where}: DoRA adapters merge exactly only with method 'linear'")
+    if base is None:
+        raise IncompatibleAdaptersError(
+            f"{where}: merging DoRA needs the base model's weights; pass base= (CLI: --base PATH_OR_HUB_ID)"
+        )
+    if rank is not None:
+        raise IncompatibleAdaptersError(f"{where}: a DoRA merge keeps rank Σ r_t; drop rank (--rank)")
+
+
 def merge_adapters(
     adapters: Sequence[AdapterLike],
     weights: Sequence[Weight] | None = None,
@@ -51,6 +87,7 @@ def merge_adapters(
     dtype: torch.dtype | None = None,
     adapter_name: str = "merged",
     allow_pickle: bool = False,
+    base: str | Path | None = None,
     progressbar: bool = False,
     **params: Any,
 ) -> Adapter:
@@ -66,6 +103,9 @@ def merge_adapters(
         dtype (`torch.dtype`, *optional*): the output dtype; the first adapter's by default.
         adapter_name (`str`, defaults to `"merged"`): the name of the result.
         allow_pickle (`bool`, defaults to `False`): allow reading pickle checkpoints.
+        base (`str` or `Path`, *optional*): the base model (folder, file or hub id), read one layer at a time. DoRA
+            modules need it: their updates depend on `W0`, and with it the `linear` merge is exact (see
+            `adaptermerge.methods.dora`). Without it, merging DoRA adapters is refused rather than approximated.
         progressbar (`bool`, defaults to `False`): show a progress bar over modules.
         **params: the method's parameters (e.g. `density=0.5`, `majority_sign_method="total"`, `seed=0`).
 
@@ -75,7 +115,8 @@ def merge_adapters(
     Raises:
         UnknownMethodError: for an unregistered method.
         InvalidParameterError: for unknown or out-of-range parameters or weights.
-        IncompatibleAdaptersError: for adapters of different base models or module shapes.
+        IncompatibleAdaptersError: for adapters of different base models or module shapes, or DoRA adapters
+            without `base`, with a method other than `linear`, or with `rank`.
     """
     merge_method = get_method(method)
     takes_rank = "rank" in merge_method.param_names
@@ -92,25 +133,26 @@ def merge_adapters(
     modules = module_union(loaded)
     check_compatible(loaded, modules)
     out_dtype = dtype or loaded[0].metadata.dtype
+    base_weights = BaseWeights(base) if base is not None else None
     merged = {}
     for module in tqdm(modules, desc=f"merging ({method})", unit="module", disable=not progressbar):
         pairs = [(a, resolve(module)) for a, resolve in zip(loaded, resolvers) if module in a]
         pairs = [(a, w) for a, w in pairs if w != 0.0]
         if not pairs:
             continue
-        updates = []
-        for adapter, _ in pairs:
-            update = adapter[module]
-            if update.magnitude is not None:
-                raise IncompatibleAdaptersError(
-                    f"adapter {adapter.name!r}, module {module!r} is a DoRA module; method {method!r} merges plain "
-                    "LoRA updates only"
-                )
-            updates.append(update.to(torch.promote_types(update.dtype, torch.float32)))
-        result = merge_method.fn(updates, [w for _, w in pairs], method_params)
+        updates = [adapter[module] for adapter, _ in pairs]
+        updates = [u.to(torch.promote_types(u.dtype, torch.float32)) for u in updates]
+        dora = next((a.name for (a, _), u in zip(pairs, updates) if u.magnitude is not None), None)
+        if dora is not None:
+            _check_dora(dora, module, method, base_weights, rank)
+            result = merge_dora(updates, [w for _, w in pairs], base_weights[module])
+        else:
+            result = merge_method.fn(updates, [w for _, w in pairs], method_params)
         if rank is not None and not takes_rank and result.rank > rank:
             result = truncate(result, rank)
         merged[module] = result.to(out_dtype)
+        del updates, result
+        _release_freed_memory()
     provenance = {
         "method": method,
         "params": dataclasses.asdict(method_params),

@@ -49,6 +49,11 @@ def _quiet(ctx: click.Context) -> bool:
     help="One weight per adapter, comma-separated (0.7,0.3), or a .json/.yaml file with a list; 1.0 each by default.",
 )
 @click.option("--rank", "-r", type=int, default=None, help="Output rank per module (low-rank SVD truncation).")
+@click.option(
+    "--base",
+    default=None,
+    help="Base model (folder, file or hub id), read one layer at a time; needed to merge DoRA adapters exactly.",
+)
 @format_option
 @dtype_option
 @overwrite_option
@@ -75,6 +80,7 @@ def merge(ctx: click.Context, adapters: tuple[str, ...], output: Path, method: s
         rank=kwargs["rank"],
         dtype=DTYPES[kwargs["dtype"]] if kwargs["dtype"] else None,
         allow_pickle=kwargs["allow_pickle"],
+        base=kwargs["base"],
         progressbar=not _quiet(ctx),
         **params,
     )

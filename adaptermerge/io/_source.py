@@ -7,6 +7,8 @@ holds one module of each input at a time.
 
 from __future__ import annotations
 
+import json
+import struct
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +48,11 @@ class TensorSource:
 
 
 class SafetensorsSource(TensorSource):
-    """A memory-mapped safetensors file; tensors are read on :meth:`get`."""
+    """A safetensors file, validated and indexed by `safe_open`; each tensor is read on :meth:`get`.
+
+    Tensor data is read with a positioned read into a fresh buffer instead of through the memory map, so a merge
+    that streams over a large adapter set keeps only the modules it holds resident, not every page it has touched.
+    """
 
     def __init__(self, path: str | Path) -> None:
         self.name = str(path)
@@ -63,6 +69,11 @@ class SafetensorsSource(TensorSource):
                 f"{path}: not a readable safetensors file ({err}); it may be truncated or another format"
             ) from None
         self.metadata = self._file.metadata() or {}
+        with path.open("rb") as handle:
+            (header_size,) = struct.unpack("<Q", handle.read(8))
+            self._entries = json.loads(handle.read(header_size))
+        self._data_start = 8 + header_size
+        self._path = path
 
     def keys(self) -> list[str]:
         return self._keys
@@ -74,10 +85,22 @@ class SafetensorsSource(TensorSource):
         return _SAFETENSORS_DTYPES.get(self._file.get_slice(key).get_dtype(), torch.float32)
 
     def get(self, key: str) -> torch.Tensor:
+        entry = self._entries[key]
+        dtype = _SAFETENSORS_DTYPES.get(entry["dtype"])
+        if dtype is None:
+            raise AdapterFormatError(f"{self.name}: tensor {key!r} has dtype {entry['dtype']}, not a float type")
+        begin, end = entry["data_offsets"]
+        buffer = bytearray(end - begin)
         try:
-            return self._file.get_tensor(key)
-        except (SafetensorError, OSError) as err:
+            with self._path.open("rb") as handle:
+                handle.seek(self._data_start + begin)
+                if handle.readinto(buffer) != len(buffer):
+                    raise OSError("the file ended early")
+        except OSError as err:
             raise AdapterFormatError(f"{self.name}: cannot read tensor {key!r} ({err})") from None
+        if not buffer:
+            return torch.empty(entry["shape"], dtype=dtype)
+        return torch.frombuffer(buffer, dtype=dtype).reshape(entry["shape"])
 
 
 class DictSource(TensorSource):

@@ -138,7 +138,10 @@ def to_state_dict(adapter: Adapter, dtype: torch.dtype | None = None) -> tuple[d
         tensors[f"{PREFIX}{name}.lora_A.weight"] = down
         tensors[f"{PREFIX}{name}.lora_B.weight"] = up
         if lowrank.magnitude is not None:
-            tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = lowrank.magnitude.to(dtype)
+            magnitude = lowrank.magnitude.to(dtype)
+            if lowrank.kernel_size:  # peft keeps a conv magnitude as (1, out, 1, 1)
+                magnitude = magnitude.reshape(1, -1, *([1] * len(lowrank.kernel_size)))
+            tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = magnitude
         ranks[name] = lowrank.rank
     if not ranks:
         raise AdapterFormatError(f"adapter {adapter.name!r} has no modules to write")

@@ -1,0 +1,114 @@
+"""DoRA adapters: read and written exactly, and merged exactly given the base model (checked through peft)."""
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from adaptermerge import load_adapter, merge_adapters, save_adapter
+from adaptermerge.cli import main
+from adaptermerge.errors import IncompatibleAdaptersError
+from tests.tiny_models import LLAMA_TARGETS, randomize_lora_B, tiny_llama
+
+peft = pytest.importorskip("peft")
+
+
+def save_random_dora(path, *, seed, r=4, use_dora=True):
+    """A peft DoRA adapter of the tiny Llama whose B and magnitudes are both moved away from their init."""
+    torch.manual_seed(seed)
+    config = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=LLAMA_TARGETS, use_dora=use_dora)
+    model = peft.get_peft_model(tiny_llama(), config)
+    randomize_lora_B(model, seed=seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                param.mul_(1 + 0.3 * torch.rand(param.shape, generator=torch.Generator().manual_seed(seed)))
+    model.save_pretrained(str(path))
+    return path
+
+
+def merged_weights(adapter_path):
+    """Every adapted layer's weight after peft's own merge_and_unload."""
+    model = peft.PeftModel.from_pretrained(tiny_llama(), str(adapter_path)).merge_and_unload()
+    return {
+        name: module.weight.detach().double() for name, module in model.named_modules() if hasattr(module, "weight")
+    }
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dora")
+    tiny_llama().save_pretrained(str(root / "base"))
+    return {
+        "base": root / "base",
+        "dora1": save_random_dora(root / "dora1", seed=1, r=4),
+        "dora2": save_random_dora(root / "dora2", seed=2, r=2),
+        "lora": save_random_dora(root / "lora", seed=3, r=3, use_dora=False),
+        "root": root,
+    }
+
+
+def test_a_dora_adapter_round_trips_and_gives_peft_outputs(files):
+    ours = save_adapter(load_adapter(files["dora1"]), files["root"] / "roundtrip", format="peft", overwrite=True)
+    ids = torch.arange(12)[None]
+    with torch.no_grad():
+        expected = peft.PeftModel.from_pretrained(tiny_llama(), str(files["dora1"]))(ids).logits
+        got = peft.PeftModel.from_pretrained(tiny_llama(), str(ours))(ids).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+
+
+def test_dora_merge_with_base_equals_the_weighted_sum_of_peft_merged_weights(files):
+    weights = [0.6, -0.3, 0.5]
+    paths = [files["dora1"], files["dora2"], files["lora"]]
+    merged = merge_adapters(paths, weights, base=files["base"])
+    assert all(lr.magnitude is not None for lr in merged.values())
+    out = save_adapter(merged, files["root"] / "merged", format="peft", overwrite=True)
+
+    base = {
+        name: module.weight.detach().double()
+        for name, module in tiny_llama().named_modules()
+        if hasattr(module, "weight")
+    }
+    expected = dict(base)
+    for w, path in zip(weights, paths):
+        for name, weight in merged_weights(path).items():
+            expected[name] = expected[name] + w * (weight - base[name])
+    got = merged_weights(out)
+    adapted = [name for name in got if name.endswith(tuple(LLAMA_TARGETS))]
+    assert adapted
+    for name in adapted:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=2e-6)
+
+
+def test_dora_merge_is_refused_without_base_or_with_another_method(files):
+    with pytest.raises(IncompatibleAdaptersError, match="--base"):
+        merge_adapters([files["dora1"], files["dora2"]])
+    with pytest.raises(IncompatibleAdaptersError, match="only with method 'linear'"):
+        merge_adapters([files["dora1"], files["dora2"]], method="ties", base=files["base"])
+    result = CliRunner().invoke(
+        main, ["merge", str(files["dora1"]), str(files["lora"]), "-o", str(files["root"] / "x")]
+    )
+    assert result.exit_code == 2 and "dora1" in result.output and "--base" in result.output
+
+
+def test_dora_merge_through_the_cli_with_base(files):
+    out = files["root"] / "cli_merged"
+    args = ["-q", "merge", str(files["dora1"]), str(files["dora2"]), "--base", str(files["base"]), "-o", str(out)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert all(lr.magnitude is not None and lr.rank == 6 for lr in load_adapter(out).values())
+
+
+def test_wrong_base_model_names_the_module(files, tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=8,
+        intermediate_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
+    LlamaForCausalLM(config).save_pretrained(str(tmp_path / "other"))
+    with pytest.raises(IncompatibleAdaptersError, match="wrong base model"):
+        merge_adapters([files["dora1"]], base=tmp_path / "other")
