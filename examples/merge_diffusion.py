@@ -36,18 +36,36 @@ def tiny_pipeline(folder: Path):
     torch.manual_seed(0)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
-            bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=16, intermediate_size=24,
-            num_attention_heads=2, num_hidden_layers=2, vocab_size=64, max_position_embeddings=16,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+            hidden_size=16,
+            intermediate_size=24,
+            num_attention_heads=2,
+            num_hidden_layers=2,
+            vocab_size=64,
+            max_position_embeddings=16,
         )
     )
     unet = UNet2DConditionModel(
-        block_out_channels=(8, 16), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=16, attention_head_dim=2, norm_num_groups=4,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16,
+        attention_head_dim=2,
+        norm_num_groups=4,
     )
     vae = AutoencoderKL(
-        block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
-        latent_channels=4, norm_num_groups=4, sample_size=8,
+        block_out_channels=(8,),
+        down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",),
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=8,
     )
     return StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder.eval(), tokenizer=tokenizer, unet=unet.eval(),
@@ -113,7 +131,7 @@ def main() -> None:
         images = {"base": render(pipe, args.prompt, steps, size)}
 
         params = {"density": args.density} if args.method in ("ties", "dare_ties", "dare_linear") else {}
-        merged = pipe.load_merged_adapters(adapters, args.weights, method=args.method, adapter_name="merged", **params)
+        merged = pipe.load_merged_adapters(adapters, args.weights, method=args.method, **params)
         print(f"{args.method}: merged {len(merged)} modules; active adapters {pipe.get_active_adapters()}")
         images[args.method] = render(pipe, args.prompt, steps, size)
         pipe.fuse_lora()  # the merged adapter is an ordinary diffusers LoRA: fuse, unfuse, delete all work

@@ -79,7 +79,7 @@ def main() -> None:
         print("base:  ", generate(model, tokenizer, args.prompt))
 
         params = {"density": args.density} if args.method in ("ties", "dare_ties", "dare_linear") else {}
-        merged = model.load_merged_adapters(adapters, args.weights, method=args.method, adapter_name="merged", **params)
+        merged = model.load_merged_adapters(adapters, args.weights, method=args.method, **params)
         print(f"{args.method}:", generate(model, tokenizer, args.prompt), f"({len(merged)} modules)")
         if args.output:
             print("saved", adaptermerge.save_adapter(merged, args.output, format="peft", overwrite=True))
