@@ -15,6 +15,7 @@ from gradio_client.exceptions import AppError  # noqa: E402
 
 from adaptermerge import load_adapter, merge_adapters, save_adapter  # noqa: E402
 from adaptermerge.cli import main  # noqa: E402
+from adaptermerge.errors import AdapterMergeError  # noqa: E402
 from adaptermerge.ui import MAX_ADAPTERS, launch  # noqa: E402
 from tests.factories import make_adapter  # noqa: E402
 
@@ -215,3 +216,14 @@ def test_llm_base_previews_generated_text_and_restores_the_base(tmp_path):
     print(f"LLM slider → text: {1000 * (time.perf_counter() - started):.0f} ms")
     assert mixed.startswith("<pre") and mixed != base_text
     assert bench.preview(bench.merge([0.0, 0.0], "linear", {})) == base_text
+
+
+def test_upload_over_the_size_limit_is_refused_before_reading(monkeypatch, tmp_path):
+    from adaptermerge.ui import Workbench, upload
+    from adaptermerge.ui import workbench as workbench_module
+
+    adapter = make_adapter({"unet.down_blocks.0.attn.to_q": (8, 8)}, rank=2, seed=1)
+    path = save_adapter(adapter, tmp_path / "big.safetensors", format="kohya")
+    monkeypatch.setattr(workbench_module, "MAX_UPLOAD_BYTES", 16)
+    with pytest.raises(AdapterMergeError, match="larger than"):
+        upload(Workbench([]), [path])

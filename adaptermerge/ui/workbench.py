@@ -1,10 +1,10 @@
-"""The Gradio app: a slider per adapter, a merge method with its parameters, a live preview, a heatmap, export.
+"""The UI's state: adapters held in memory, their similarities, the preview, uploads and export.
 
-Adapters are read once and kept in memory (every module materialised), so moving a slider only merges factors and
-re-runs the preview; nothing is read from disk or rebuilt. With no arguments the app opens on the demo: the digits
-suite's backbone and its eight task LoRAs (:func:`adaptermerge.quality.load_demo_suite`), whose preview is each
-task's test accuracy. File access is limited to the folders given on the command line; uploads are size-limited,
-refused when they are pickles, and validated like command-line input.
+Adapters are read once and every module materialised, so moving a slider only merges factors and re-runs the
+preview; nothing is read from disk or rebuilt. With no arguments the workbench is the demo: the digits suite's
+backbone and its eight task LoRAs (:func:`adaptermerge.quality.load_demo_suite`), previewed by each task's test
+accuracy; with `--base` a causal LM, previewed by generated text. Uploads are size-limited, refused when they are
+pickles, and validated like command-line input.
 """
 
 from __future__ import annotations
@@ -15,77 +15,34 @@ import html
 import logging
 import shutil
 import tempfile
-import time
-import typing
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .adapter import Adapter, check_compatible, module_union
-from .errors import AdapterMergeError
-from .io import FORMATS, load_adapter, save_adapter
-from .library import find_adapters
-from .lowrank import inner
-from .merge import merge_adapters
-from .methods import list_methods
+from ..adapter import Adapter, check_compatible, module_union
+from ..errors import AdapterMergeError
+from ..io import load_adapter, save_adapter
+from ..library import find_adapters
+from ..lowrank import inner
+from ..merge import merge_adapters
 
-__all__ = ["MAX_ADAPTERS", "MAX_UPLOAD_BYTES", "TextPreview", "Workbench", "build_app", "launch"]
+__all__ = [
+    "DEMO",
+    "MAX_ADAPTERS",
+    "MAX_UPLOAD_BYTES",
+    "TextPreview",
+    "Workbench",
+    "export",
+    "make_workbench",
+    "upload",
+]
 
 logger = logging.getLogger(__name__)
 MAX_ADAPTERS = 16
 MAX_UPLOAD_BYTES = 256 * 2**20
-WEIGHT_RANGE = (-1.0, 2.0)
 DEMO = "demo"
-
-
-@dataclasses.dataclass(frozen=True)
-class ParamControl:
-    """One method parameter shown in the page: its name, widget kind, choices and help."""
-
-    name: str
-    kind: str  # "float", "int", "optional_int", "bool" or "choice"
-    choices: tuple[str, ...] = ()
-    help: str = ""
-
-
-def _methods() -> dict[str, Any]:
-    """The methods the app offers: those that return one adapter (per-module methods)."""
-    return {m.name: m for m in list_methods() if m.per_module}
-
-
-def _param_controls(methods: Mapping[str, Any]) -> list[ParamControl]:
-    """One control per parameter name across the methods, its kind read from the dataclass type hints."""
-    controls: dict[str, ParamControl] = {}
-    for method in methods.values():
-        hints = typing.get_type_hints(method.params_cls)
-        for field in dataclasses.fields(method.params_cls):
-            if field.name in controls:
-                continue
-            hint, args = hints[field.name], typing.get_args(hints[field.name])
-            if typing.get_origin(hint) is typing.Literal:
-                kind, choices = "choice", tuple(str(a) for a in args)
-            elif hint is bool:
-                kind, choices = "bool", ()
-            elif hint is int:
-                kind, choices = "int", ()
-            elif int in args and type(None) in args:
-                kind, choices = "optional_int", ()
-            else:
-                kind, choices = "float", ()
-            controls[field.name] = ParamControl(field.name, kind, choices, field.metadata.get("help", ""))
-    return list(controls.values())
-
-
-def _coerce(control: ParamControl, value: Any) -> Any:
-    if control.kind in ("int", "optional_int"):
-        return int(value)
-    if control.kind == "float":
-        return float(value)
-    if control.kind == "bool":
-        return bool(value)
-    return str(value)
 
 
 class Workbench:
@@ -231,7 +188,7 @@ def _read_folder(folder: Path) -> list[Adapter]:
 
 def demo_workbench() -> Workbench:
     """The embedded default: the digits suite's task LoRAs, previewed by per-task test accuracy."""
-    from .quality import load_demo_suite
+    from ..quality import load_demo_suite
 
     suite = load_demo_suite()
     adapters = suite.adapters()
@@ -339,168 +296,3 @@ def export(bench: Workbench, weights: Sequence[float], method: str, params: Mapp
         written = save_adapter(merged, folder / "merged", format=fmt)
         return Path(shutil.make_archive(str(folder / "merged-peft"), "zip", written))
     return save_adapter(merged, folder / f"merged-{fmt}.safetensors", format=fmt)
-
-
-CSS = """
-.am-preview td, .am-preview th, .am-heatmap td, .am-heatmap th {padding: 2px 8px; text-align: right}
-.am-barcell {width: 200px} .am-bar {height: 12px; background: #e07b00}
-"""
-
-
-def build_app(bench: Workbench) -> Any:
-    """The Gradio Blocks of the app over `bench`.
-
-    Endpoints for `gradio_client`: `/preview` (method, weights×MAX_ADAPTERS, parameters…) → (preview HTML, heatmap
-    HTML, timing text); `/select_method` (method) → parameter controls; `/upload` (files) → sliders, previews;
-    `/export` (method, weights…, parameters…, format) → file.
-    """
-    import gradio as gr
-
-    methods = _methods()
-    controls = _param_controls(methods)
-
-    def params_of(method: str, values: Sequence[Any]) -> dict[str, Any]:
-        names = set(methods[method].param_names)
-        # an empty box means the method's default (or None for an optional rank)
-        return {c.name: _coerce(c, v) for c, v in zip(controls, values) if c.name in names and v not in (None, "")}
-
-    def split(values: Sequence[Any]) -> tuple[list[float], list[Any]]:
-        return [float(w or 0.0) for w in values[:MAX_ADAPTERS]], list(values[MAX_ADAPTERS:])
-
-    def on_preview(method: str, *values: Any) -> tuple[str, str, str]:
-        weights, param_values = split(values)
-        start = time.perf_counter()
-        try:
-            merged = bench.merge(weights, method, params_of(method, param_values))
-            preview = bench.preview(merged)
-        except (AdapterMergeError, ValueError) as err:
-            raise gr.Error(str(err)) from None
-        elapsed = time.perf_counter() - start
-        return preview, bench.heatmap(weights), f"merge + preview: {1000 * elapsed:.0f} ms"
-
-    def on_method(method: str) -> list[Any]:
-        defaults = {f.name: f.default for f in dataclasses.fields(methods[method].params_cls)}
-        doc = f"**{methods[method].pretty_name}**: {methods[method].summary} [paper]({methods[method].reference_url})"
-        updates = [gr.update(visible=c.name in defaults, value=defaults.get(c.name)) for c in controls]
-        return [doc, *updates]
-
-    def slider_updates() -> list[Any]:
-        return [
-            gr.update(visible=i < len(bench.adapters), label=bench.names[i] if i < len(bench.adapters) else "")
-            for i in range(MAX_ADAPTERS)
-        ]
-
-    def on_upload(files: list[str] | None) -> list[Any]:
-        if not files:
-            return [*slider_updates(), "No file uploaded."]
-        try:
-            added = upload(bench, files)
-        except (AdapterMergeError, ValueError, OSError) as err:
-            gr.Warning(f"Adapter refused: {err}")
-            return [*slider_updates(), f"Adapter refused: {html.escape(str(err))}"]
-        return [*slider_updates(), f"Added {html.escape(added.name)} ({len(added)} modules)."]
-
-    def set_prompt(text: str) -> None:
-        if isinstance(bench.preview_fn, TextPreview):
-            bench.preview_fn.prompt = text
-
-    def on_export(method: str, *values: Any) -> str:
-        *values, fmt = values
-        weights, param_values = split(values)
-        try:
-            return str(export(bench, weights, method, params_of(method, param_values), fmt))
-        except (AdapterMergeError, ValueError) as err:
-            raise gr.Error(str(err)) from None
-
-    initial = [1.0 / max(len(bench.adapters), 1)] * len(bench.adapters)
-    with gr.Blocks(title="adaptermerge") as app:
-        gr.Markdown("# adaptermerge\nMix LoRA adapters with sliders; negative weights subtract an adapter.")
-        with gr.Row():
-            with gr.Column(scale=1):
-                sliders = [
-                    gr.Slider(
-                        *WEIGHT_RANGE,
-                        value=initial[i] if i < len(initial) else 0.0,
-                        step=0.05,
-                        label=bench.names[i] if i < len(bench.adapters) else "",
-                        visible=i < len(bench.adapters),
-                        elem_id=f"weight-{i}",
-                    )
-                    for i in range(MAX_ADAPTERS)
-                ]
-                method = gr.Dropdown(list(methods), value="linear", label="method", elem_id="method")
-                method_doc = gr.Markdown()
-                widgets = []
-                for c in controls:
-                    kwargs = {"label": c.name, "info": c.help, "visible": False, "elem_id": f"param-{c.name}"}
-                    if c.kind == "choice":
-                        widgets.append(gr.Dropdown(list(c.choices), value=c.choices[0], **kwargs))
-                    elif c.kind == "bool":
-                        widgets.append(gr.Checkbox(**kwargs))
-                    else:
-                        widgets.append(gr.Number(precision=None if c.kind == "float" else 0, **kwargs))
-                uploads = gr.File(label="add an adapter (.safetensors)", file_count="multiple", elem_id="upload")
-                upload_status = gr.Markdown(elem_id="upload-status")
-                with gr.Row():
-                    fmt = gr.Dropdown(list(FORMATS), value="peft", label="export format", elem_id="format")
-                    export_button = gr.Button("Export merged adapter", elem_id="export")
-                exported = gr.File(label="merged adapter", elem_id="exported")
-            with gr.Column(scale=1):
-                text_base = isinstance(bench.preview_fn, TextPreview)
-                prompt = gr.Textbox(
-                    bench.preview_fn.prompt if text_base else "", label="prompt", visible=text_base, elem_id="prompt"
-                )
-                timing = gr.Markdown(elem_id="timing")
-                preview = gr.HTML(elem_id="preview")
-                heatmap = gr.HTML(elem_id="heatmap")
-
-        inputs = [method, *sliders, *widgets]
-        outputs = [preview, heatmap, timing]
-        preview_args = {"fn": on_preview, "inputs": inputs, "outputs": outputs, "api_visibility": "private"}
-        gr.on(
-            [s.release for s in sliders] + [w.input for w in widgets],
-            on_preview,
-            inputs,
-            outputs,
-            api_name="preview",
-            trigger_mode="always_last",
-        )
-        method.change(on_method, method, [method_doc, *widgets], api_name="select_method").then(**preview_args)
-        app.load(on_method, method, [method_doc, *widgets], api_visibility="private").then(**preview_args)
-        prompt.submit(set_prompt, prompt, None, api_name="set_prompt").then(**preview_args)
-        uploads.upload(on_upload, uploads, [*sliders, upload_status], api_name="upload")
-        export_button.click(on_export, [*inputs, fmt], exported, api_name="export")
-    return app
-
-
-def launch(
-    *,
-    host: str = "127.0.0.1",
-    port: int | None = None,
-    base: str | None = None,
-    adapters_dir: str | Path | None = None,
-    prevent_thread_lock: bool = False,
-) -> Any:
-    """Build the workbench and start the app; warns when `host` is not a loopback address.
-
-    Returns:
-        `gradio.Blocks`: the running app (call `.close()` to stop it when `prevent_thread_lock` is set).
-    """
-    import gradio as gr
-
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        logger.warning("binding to %s: anyone who can reach this address can use the app and its files", host)
-    bench = make_workbench(base, adapters_dir)
-    app = build_app(bench)
-    allowed = [str(adapters_dir)] if adapters_dir else []
-    app.launch(
-        server_name=host,
-        server_port=port,
-        prevent_thread_lock=prevent_thread_lock,
-        max_file_size=MAX_UPLOAD_BYTES,
-        allowed_paths=allowed,
-        css=CSS,
-        theme=gr.themes.Default(),
-        quiet=prevent_thread_lock,
-    )
-    return app
