@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -32,20 +32,29 @@ LIVE_ATTRIBUTE = "_adaptermerge_live"
 class LiveMerge:
     """The sources of a `linear` merge loaded into a host, to re-weight it in place.
 
+    Only the `B` factors are kept (the weights scale `B` alone), moved to the device of the host's layers.
+
     Args:
         adapter_name (`str`): the host's name of the merged adapter.
-        sources (`dict[str, list[tuple[int, LowRank]]]`): per module, `(adapter index, update)` in column order.
+        sources (`dict[str, list[tuple[int, torch.Tensor]]]`): per module, `(adapter index, B of shape (out, r))`
+            in the column order of the merged `lora_B`.
         n_adapters (`int`): how many adapters were merged (the length `set_weights` expects).
-        layers (`dict[str, torch.nn.Module]`): per module, the host's peft LoRA layer, filled in after loading.
     """
 
     adapter_name: str
-    sources: dict[str, list[tuple[int, LowRank]]]
+    sources: dict[str, list[tuple[int, torch.Tensor]]]
     n_adapters: int
-    layers: dict[str, torch.nn.Module] | None = None
+    layers: dict[str, torch.nn.Module] = field(default_factory=dict)
+
+    def attach(self, find: Callable[[str], torch.nn.Module]) -> None:
+        """Record the host's LoRA layer of every module (`find(module)`) and move the sources to its device."""
+        self.layers = {module: find(module) for module in self.sources}
+        for module, sources in self.sources.items():
+            weight = self._lora_B(module)
+            self.sources[module] = [(i, up.to(weight.device, weight.dtype)) for i, up in sources]
 
     def set_weights(self, weights: Sequence[Weight]) -> None:
-        """Write `Σ`-ordered blocks `w_t B_t` into the host's `lora_B` weights, in place.
+        """Write the blocks `w_t B_t` into the host's merged `lora_B` weights, in place.
 
         Raises:
             InvalidParameterError: for a weight list of the wrong length or a weight that is not a finite number.
@@ -54,14 +63,15 @@ class LiveMerge:
         resolvers = check_weights(weights, self.n_adapters)
         with torch.no_grad():
             for module, sources in self.sources.items():
-                up = self._lora_B(module)
+                weight = self._lora_B(module)
                 offset = 0
-                for index, update in sources:
-                    block = up[:, offset : offset + update.rank]
-                    block.copy_(update.B).mul_(resolvers[index](module))
-                    offset += update.rank
+                for index, up in sources:
+                    block = weight[:, offset : offset + up.shape[1]]
+                    block.copy_(up).mul_(resolvers[index](module))
+                    offset += up.shape[1]
 
     def _lora_B(self, module: str) -> torch.Tensor:
+        """The merged `lora_B` weight of `module`, viewed as `(out, R)`; refuses fused or removed adapters."""
         layer = self.layers[module]
         lora_B = getattr(layer, "lora_B", {})
         if self.adapter_name not in lora_B:
@@ -100,13 +110,13 @@ def build_merge(
     modules = module_union(loaded)
     check_compatible(loaded, modules)
     out_dtype = dtype or loaded[0].metadata.dtype
-    sources: dict[str, list[tuple[int, LowRank]]] = {}
+    sources: dict[str, list[tuple[int, torch.Tensor]]] = {}
     merged: dict[str, LowRank] = {}
     for module in modules:
         pairs = [(i, a[module].to(out_dtype)) for i, a in enumerate(loaded) if module in a]
         if any(update.magnitude is not None for _, update in pairs):
             raise IncompatibleAdaptersError(f"module {module!r} is a DoRA module; linear merges plain LoRA only")
-        sources[module] = pairs
+        sources[module] = [(i, update.B) for i, update in pairs]
         merged[module] = concat([u for _, u in pairs], [resolvers[i](module) for i, _ in pairs]).to(out_dtype)
     first = loaded[0].metadata
     provenance = {"method": "linear", "weights": [r.spec for r in resolvers], "sources": [a.name for a in loaded]}

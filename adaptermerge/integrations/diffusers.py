@@ -80,7 +80,7 @@ def load_into_pipeline(
     registry = host_live(pipe)
     registry.pop(adapter_name, None)
     if live is not None:
-        live.layers = {module: find_pipeline_module(pipe, module) for module in live.sources}
+        live.attach(lambda module: find_pipeline_module(pipe, module))
         registry[adapter_name] = live
     logger.info("loaded merged adapter %r (%s, %d modules) into %s", adapter_name, method, len(merged), type(pipe))
     return merged

@@ -87,7 +87,7 @@ def load_into_model(
     registry = host_live(model)
     registry.pop(adapter_name, None)
     if live is not None:
-        live.layers = {module: base.get_submodule(module) for module in live.sources}
+        live.attach(base.get_submodule)
         registry[adapter_name] = live
     logger.info("loaded merged adapter %r (%s, %d modules) into %s", adapter_name, method, len(merged), type(base))
     return merged
