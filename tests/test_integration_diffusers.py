@@ -185,3 +185,31 @@ def test_hub_ids_resolve_through_huggingface_hub(loras, inputs, monkeypatch):
     load_merged_adapters(pipe, ["someone/lora-a", "someone/lora-b"], [0.7, -0.4])
     assert asked == ["someone/lora-a", "someone/lora-b"]
     assert_outputs_close(outputs(pipe, inputs), outputs(host_combination(loras, [0.7, -0.4]), inputs))
+
+
+def test_sdxl_routes_modules_to_both_text_encoders(tmp_path):
+    from .tiny_models import tiny_sdxl_pipeline
+
+    pipe = tiny_sdxl_pipeline()
+    loras = [save_random_pipeline_lora(pipe, tmp_path / f"xl{i}", seed=i, rank=2 + i) for i in range(2)]
+    ids = torch.randint(2, 50, (1, 16), generator=torch.Generator().manual_seed(0))
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+
+    def xl_outputs(p):
+        with torch.no_grad():
+            first = p.text_encoder(ids, output_hidden_states=True).hidden_states[-2]
+            second = p.text_encoder_2(ids, output_hidden_states=True)
+            hidden = torch.cat([first, second.hidden_states[-2]], dim=-1)
+            pooled = second.text_embeds.repeat(1, 2)  # the tiny UNet's text-time projection takes 32 features
+            cond = {"text_embeds": pooled, "time_ids": torch.tensor([[8.0, 8.0, 0.0, 0.0, 8.0, 8.0]])}
+            sample = p.unet(latents, 10, encoder_hidden_states=hidden, added_cond_kwargs=cond).sample
+            return first, second.text_embeds, sample
+
+    weights = [0.8, -0.5]
+    load_merged_adapters(pipe, loras, weights)
+    host = tiny_sdxl_pipeline()
+    for i, path in enumerate(loras):
+        host.load_lora_weights(str(path), adapter_name=f"a{i}")
+    host.set_adapters(["a0", "a1"], weights)
+    assert set(pipe.get_list_adapters()) == {"unet", "text_encoder", "text_encoder_2"}
+    assert_outputs_close(xl_outputs(pipe), xl_outputs(host))
