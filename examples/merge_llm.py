@@ -36,7 +36,7 @@ def tiny_model_and_adapters(folder: Path) -> tuple[torch.nn.Module, None, list[P
         with torch.no_grad():  # peft starts lora_B at zero; give the demo adapters a visible effect
             for name, param in peft_model.named_parameters():
                 if "lora_B" in name:
-                    param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+                    param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
         peft_model.save_pretrained(str(folder / f"lora_{seed}"))
         model = peft_model.unload()
         adapters.append(folder / f"lora_{seed}")
