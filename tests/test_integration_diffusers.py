@@ -213,3 +213,16 @@ def test_sdxl_routes_modules_to_both_text_encoders(tmp_path):
     host.set_adapters(["a0", "a1"], weights)
     assert set(pipe.get_list_adapters()) == {"unet", "text_encoder", "text_encoder_2"}
     assert_outputs_close(xl_outputs(pipe), xl_outputs(host))
+
+
+def test_conv_loras_merge_and_reweight_like_diffusers(tmp_path, inputs):
+    from .tiny_models import UNET_CONV_TARGETS
+
+    pipe = tiny_sd_pipeline()
+    loras = [
+        save_random_pipeline_lora(pipe, tmp_path / f"conv{i}", seed=i, rank=2, unet_targets=UNET_CONV_TARGETS)
+        for i in range(2)
+    ]
+    load_merged_adapters(pipe, loras, [1.0, 1.0])
+    set_merge_weights(pipe, [0.5, -1.0])
+    assert_outputs_close(outputs(pipe, inputs), outputs(host_combination(loras, [0.5, -1.0]), inputs))
