@@ -70,16 +70,36 @@ def read_all(paths: list[Path]) -> float:
     return time.perf_counter() - start
 
 
-def timed_run(command: list[str]) -> tuple[float, float, int]:
-    """Wall seconds, peak RSS in MB and exit code of one subprocess."""
-    start = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(process.pid, 0)
-    elapsed = time.perf_counter() - start
-    process.returncode = os.waitstatus_to_exitcode(status)
-    if process.returncode:
-        sys.stderr.write(process.stderr.read().decode()[-2000:])
-    return elapsed, usage.ru_maxrss / 1024, process.returncode
+# Runs `adaptermerge ARGS` and writes the process's own peak RSS (VmHWM) at exit. A child's ru_maxrss would also count
+# the parent's pages that it shared between fork and exec, so it grows with whatever the parent holds.
+_REPORT_PEAK = """
+import atexit, os, runpy, sys
+def report():
+    with open("/proc/self/status") as status:
+        peak_kb = next(line.split()[1] for line in status if line.startswith("VmHWM:"))
+    with open(os.environ["ADAPTERMERGE_PEAK_FILE"], "w") as out:
+        out.write(peak_kb)
+atexit.register(report)
+sys.argv = ["adaptermerge", *sys.argv[1:]]
+runpy.run_module("adaptermerge", run_name="__main__")
+"""
+
+
+def timed_run(args: list[str]) -> tuple[float, float, int]:
+    """Wall seconds, peak RSS in MB and exit code of `adaptermerge ARGS` (`[]` times the bare start)."""
+    with tempfile.NamedTemporaryFile(suffix=".peak") as peak_file:
+        command = (
+            [sys.executable, "-c", _REPORT_PEAK, *args] if args else [sys.executable, "-c", _REPORT_PEAK, "--help"]
+        )
+        start = time.perf_counter()
+        process = subprocess.run(
+            command, env={**os.environ, "ADAPTERMERGE_PEAK_FILE": peak_file.name}, capture_output=True, text=True
+        )
+        elapsed = time.perf_counter() - start
+        if process.returncode:
+            sys.stderr.write(process.stderr[-2000:])
+        peak_kb = float(Path(peak_file.name).read_text() or 0)
+    return elapsed, peak_kb / 1024, process.returncode
 
 
 def main() -> None:
@@ -101,13 +121,13 @@ def main() -> None:
     size_mb = sum((p / "adapter_model.safetensors").stat().st_size for p in paths) / 2**20
     read_all(paths)  # warm the page cache so every row below reads from memory alike
     read_s = min(read_all(paths) for _ in range(3))
-    start_s, start_rss, _ = timed_run([sys.executable, "-c", "import adaptermerge.cli"])
+    start_s, start_rss, _ = timed_run([])
 
     table = Table(title=f"{args.adapters} rank-{args.rank} adapters, {args.layers * 7} modules, {size_mb:.0f} MB")
     for column in ("what", "seconds", "× read", "peak RSS (MB)", "output (MB)"):
         table.add_column(column, justify="right" if column != "what" else "left")
     table.add_row("read all inputs (safetensors)", f"{read_s:.2f}", "1.0", "", "")
-    table.add_row("python -c 'import adaptermerge.cli'", f"{start_s:.2f}", "", f"{start_rss:.0f}", "")
+    table.add_row("adaptermerge --help (interpreter start)", f"{start_s:.2f}", "", f"{start_rss:.0f}", "")
     known = {m.name for m in list_methods()}
     for method in args.methods.split(","):
         if method not in known:
@@ -115,7 +135,7 @@ def main() -> None:
             continue
         out = workdir / f"merged_{method}"
         shutil.rmtree(out, ignore_errors=True)
-        command = [sys.executable, "-m", "adaptermerge", "-q", "merge", *map(str, paths), "-m", method, "-o", str(out)]
+        command = ["-q", "merge", *map(str, paths), "-m", method, "-o", str(out)]
         if method == "svd":
             command += ["--rank", str(args.rank)]
         seconds, rss, code = timed_run(command)
