@@ -77,3 +77,17 @@ def test_inspect_table_and_methods_list(two_adapters):
 def test_help_teaches_with_examples():
     result = run("merge", "--help")
     assert "Examples:" in result.output and "--weights" in result.output
+
+
+def test_pickle_inputs_need_allow_pickle_and_are_then_detected(tmp_path):
+    from adaptermerge.io import diffusers as diffusers_format
+
+    adapter = make_adapter({"unet.down_blocks.0.attentions.0.proj_in": (8, 8)}, seed=3)
+    tensors, _ = diffusers_format.to_state_dict(adapter)
+    torch.save(tensors, tmp_path / "lora.pt")
+    refused = run("merge", tmp_path / "lora.pt", "-o", tmp_path / "out.safetensors")
+    assert refused.exit_code == 2 and "--allow-pickle" in refused.output
+    accepted = run("merge", tmp_path / "lora.pt", "--allow-pickle", "-o", tmp_path / "out.safetensors")
+    assert accepted.exit_code == 0, accepted.output
+    merged = load_adapter(tmp_path / "out.safetensors")
+    torch.testing.assert_close(merged[next(iter(adapter))].to_dense(), next(iter(adapter.values())).to_dense())

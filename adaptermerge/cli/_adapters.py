@@ -14,8 +14,9 @@ from rich.table import Table
 from ..bundle import is_bundle
 from ..io import load_adapter, save_adapter
 from ..lowrank import norm
-from ..merge import merge_adapters
+from ..merge import load_adapters, merge_adapters
 from ..methods import list_methods
+from ..training.orthogonal import check_disjoint
 from ._options import (
     DTYPES,
     allow_pickle_option,
@@ -73,8 +74,10 @@ def merge(ctx: click.Context, adapters: tuple[str, ...], output: Path, method: s
     """
     params = pop_method_params(kwargs)
     start = time.perf_counter()
+    loaded = load_adapters(list(adapters), allow_pickle=kwargs["allow_pickle"])
+    check_disjoint(loaded)  # warns when orthogonal-adaptation concepts were given overlapping basis blocks
     merged = merge_adapters(
-        list(adapters),
+        loaded,
         parse_weights(weights),
         method,
         rank=kwargs["rank"],

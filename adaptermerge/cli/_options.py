@@ -6,6 +6,7 @@ import dataclasses
 import json
 import types
 import typing
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -33,18 +34,20 @@ def _click_type(annotation: Any) -> tuple[Any, bool]:
 def method_option_specs() -> dict[str, tuple[Any, bool, str, list[str]]]:
     """Parameter name → (click type, is_flag, help, methods that take it), over every registered method."""
     specs: dict[str, tuple[Any, bool, str, list[str]]] = {}
+    helps: dict[str, Counter[str]] = {}
     for method in list_methods():
         hints = typing.get_type_hints(method.params_cls)
         for field in dataclasses.fields(method.params_cls):
             if field.name == "rank":
                 continue
+            helps.setdefault(field.name, Counter())[field.metadata.get("help", "")] += 1
             if field.name in specs:
                 specs[field.name][3].append(method.name)
                 continue
             click_type, is_flag = _click_type(hints[field.name])
-            help_text = field.metadata.get("help", "")
-            specs[field.name] = (click_type, is_flag, help_text, [method.name])
-    return specs
+            specs[field.name] = (click_type, is_flag, "", [method.name])
+    # A parameter shared by several methods (density) gets the help text most of them give.
+    return {name: (t, flag, helps[name].most_common(1)[0][0], used) for name, (t, flag, _, used) in specs.items()}
 
 
 def method_options(command: Callable) -> Callable:

@@ -52,7 +52,7 @@ def load_adapter(
         UnsafeFormatError: for pickle checkpoints without `allow_pickle`.
     """
     local = resolve_path(path, allow_pickle=allow_pickle)
-    fmt = detect_format(local) if format == "auto" else format
+    fmt = detect_format(local, allow_pickle=allow_pickle) if format == "auto" else format
     adapter = format_module(fmt).load(local, allow_pickle=allow_pickle)
     stem = local.stem if local.is_file() and local.name != "adapter_model.safetensors" else local.name
     return Adapter(adapter.modules, adapter.metadata, name or stem or adapter.name)

@@ -8,7 +8,7 @@ from types import ModuleType
 
 from ..errors import AdapterFormatError
 from . import diffusers, kohya, peft
-from ._source import PICKLE_SUFFIXES, SafetensorsSource
+from ._source import PICKLE_SUFFIXES, open_source
 
 # Order matters: a PEFT folder is recognised by its config before any key sniffing.
 FORMATS: dict[str, ModuleType] = {"peft": peft, "diffusers": diffusers, "kohya": kohya}
@@ -32,11 +32,12 @@ def _weights_candidates(folder: Path) -> list[Path]:
     return files
 
 
-def detect_format(path: str | Path) -> str:
+def detect_format(path: str | Path, *, allow_pickle: bool = False) -> str:
     """The format of the adapter at `path` (a folder or a weights file).
 
     Raises:
         AdapterFormatError: when no format claims it, naming what was found.
+        UnsafeFormatError: for a pickle checkpoint without `allow_pickle` (its keys can only be read by unpickling).
     """
     path = Path(path)
     if not path.exists():
@@ -54,9 +55,7 @@ def detect_format(path: str | Path) -> str:
             f"({', '.join(p.name for p in files) or 'none'}); pass the file itself"
         )
     file = files[0]
-    if file.suffix in PICKLE_SUFFIXES:
-        raise AdapterFormatError(f"{file}: pickle checkpoints carry no format marker; convert it to safetensors first")
-    keys = SafetensorsSource(file).keys()
+    keys = open_source(file, allow_pickle=allow_pickle).keys()
     for name, module in FORMATS.items():
         if module.detect(file, keys):
             return name

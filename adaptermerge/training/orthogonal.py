@@ -241,8 +241,9 @@ def read_allocation(adapter: Adapter | str | Path) -> Allocation | None:
         if recorded is None:
             source = getattr(adapter.modules, "source", None)
             recorded = getattr(source, "metadata", {}).get(METADATA_KEY)
-        if recorded is None and adapter.metadata.source and Path(adapter.metadata.source).exists():
-            return read_allocation(adapter.metadata.source)
+        source_path = Path(adapter.metadata.source or "")
+        if recorded is None and source_path.suffix == ".safetensors" and source_path.is_file():
+            return read_allocation(source_path)
     else:
         with safe_open(str(_weights_file(Path(adapter))), framework="pt") as f:
             recorded = (f.metadata() or {}).get(METADATA_KEY)
