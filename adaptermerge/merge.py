@@ -12,7 +12,9 @@ import ctypes.util
 import dataclasses
 import functools
 import logging
+import os
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,7 @@ from .adapter import Adapter, AdapterMetadata, check_compatible, module_union
 from .errors import IncompatibleAdaptersError, InvalidParameterError
 from .io import load_adapter
 from .io.base import BaseWeights
-from .lowrank import truncate
+from .lowrank import LowRank, truncate
 from .methods import get_method
 from .methods.dora import merge_dora
 from .weights import Weight, check_weights
@@ -88,6 +90,7 @@ def merge_adapters(
     adapter_name: str = "merged",
     allow_pickle: bool = False,
     base: str | Path | None = None,
+    num_workers: int | None = None,
     progressbar: bool = False,
     **params: Any,
 ) -> Adapter:
@@ -106,6 +109,7 @@ def merge_adapters(
         base (`str` or `Path`, *optional*): the base model (folder, file or hub id), read one layer at a time. DoRA
             modules need it: their updates depend on `W0`, and with it the `linear` merge is exact (see
             `adaptermerge.methods.dora`). Without it, merging DoRA adapters is refused rather than approximated.
+        num_workers (`int`, *optional*): threads merging modules side by side; one per core (at most 8) by default.
         progressbar (`bool`, defaults to `False`): show a progress bar over modules.
         **params: the method's parameters (e.g. `density=0.5`, `majority_sign_method="total"`, `seed=0`).
 
@@ -134,12 +138,12 @@ def merge_adapters(
     check_compatible(loaded, modules)
     out_dtype = dtype or loaded[0].metadata.dtype
     base_weights = BaseWeights(base) if base is not None else None
-    merged = {}
-    for module in tqdm(modules, desc=f"merging ({method})", unit="module", disable=not progressbar):
+
+    def merge_module(module: str) -> LowRank | None:
         pairs = [(a, resolve(module)) for a, resolve in zip(loaded, resolvers) if module in a]
         pairs = [(a, w) for a, w in pairs if w != 0.0]
         if not pairs:
-            continue
+            return None
         updates = [adapter[module] for adapter, _ in pairs]
         updates = [u.to(torch.promote_types(u.dtype, torch.float32)) for u in updates]
         dora = next((a.name for (a, _), u in zip(pairs, updates) if u.magnitude is not None), None)
@@ -150,9 +154,23 @@ def merge_adapters(
             result = merge_method.fn(updates, [w for _, w in pairs], method_params)
         if rank is not None and not takes_rank and result.rank > rank:
             result = truncate(result, rank)
-        merged[module] = result.to(out_dtype)
-        del updates, result
-        _release_freed_memory()
+        return result.to(out_dtype)
+
+    # Modules are independent: a few threads (one torch thread each) keep every core busy on the small per-module
+    # decompositions, and each reads its own module only when it starts, so memory stays at a few modules.
+    workers = num_workers or min(os.cpu_count() or 1, 8)
+    threads = torch.get_num_threads()
+    merged = {}
+    try:
+        with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            results = pool.map(merge_module, modules)
+            bar = tqdm(results, total=len(modules), desc=f"merging ({method})", unit="module", disable=not progressbar)
+            for module, result in zip(modules, bar):
+                if result is not None:
+                    merged[module] = result
+                _release_freed_memory()
+    finally:
+        torch.set_num_threads(threads)
     provenance = {
         "method": method,
         "params": dataclasses.asdict(method_params),
