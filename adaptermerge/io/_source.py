@@ -12,10 +12,12 @@ import struct
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 
+from ..adapter import Adapter, AdapterMetadata
 from ..errors import AdapterFormatError, InvalidTensorError, UnsafeFormatError
 from ..lowrank import LowRank
 
@@ -214,6 +216,19 @@ class LazyModules(Mapping[str, LowRank]):
 
     def __contains__(self, name: object) -> bool:
         return name in self.entries
+
+
+def lazy_adapter(source: TensorSource, entries: Mapping[str, ModuleEntry], name: str, **metadata: Any) -> Adapter:
+    """An adapter whose modules are read from `source` on access; `metadata` fills :class:`AdapterMetadata`.
+
+    Raises:
+        AdapterFormatError: when the source holds no LoRA module.
+    """
+    modules = LazyModules(source, entries)
+    if not modules:
+        raise AdapterFormatError(f"{source.name}: holds no LoRA modules")
+    dtype = modules.dtype_of(next(iter(modules)))
+    return Adapter(modules, AdapterMetadata(source=source.name, dtype=dtype, **metadata), name)
 
 
 def take_unused(keys: list[str], used: set[str], source: TensorSource, what: str) -> None:

@@ -27,10 +27,10 @@ from typing import Any
 
 import torch
 
-from ..adapter import DIFFUSION_COMPONENTS, Adapter, AdapterMetadata
+from ..adapter import DIFFUSION_COMPONENTS, Adapter
 from ..errors import AdapterFormatError
 from ..patterns import find_pattern_key
-from ._source import DictSource, LazyModules, ModuleEntry, TensorSource, open_source, take_unused
+from ._source import DictSource, ModuleEntry, TensorSource, lazy_adapter, open_source, take_unused
 from ._write import atomic_path, provenance_metadata, save_tensors
 
 FORMAT = "diffusers"
@@ -156,11 +156,7 @@ def parse(source: TensorSource) -> dict[str, ModuleEntry]:
 
 
 def _adapter(source: TensorSource, name: str) -> Adapter:
-    modules = LazyModules(source, parse(source))
-    if not modules:
-        raise AdapterFormatError(f"{source.name}: holds no LoRA modules")
-    metadata = AdapterMetadata(format=FORMAT, source=source.name, dtype=modules.dtype_of(next(iter(modules))))
-    return Adapter(modules, metadata, name)
+    return lazy_adapter(source, parse(source), name, format=FORMAT)
 
 
 def load(path: str | Path, *, allow_pickle: bool = False) -> Adapter:

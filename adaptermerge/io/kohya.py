@@ -24,9 +24,17 @@ from pathlib import Path
 
 import torch
 
-from ..adapter import Adapter, AdapterMetadata
+from ..adapter import Adapter
 from ..errors import AdapterFormatError
-from ._source import PICKLE_SUFFIXES, DictSource, LazyModules, ModuleEntry, TensorSource, open_source, take_unused
+from ._source import (
+    PICKLE_SUFFIXES,
+    DictSource,
+    ModuleEntry,
+    TensorSource,
+    lazy_adapter,
+    open_source,
+    take_unused,
+)
 from ._write import atomic_path, provenance_metadata, save_tensors
 from .diffusers import canonical_name, require_components, split_component
 
@@ -207,11 +215,7 @@ def parse(source: TensorSource) -> dict[str, ModuleEntry]:
 
 
 def _adapter(source: TensorSource, name: str) -> Adapter:
-    modules = LazyModules(source, parse(source))
-    if not modules:
-        raise AdapterFormatError(f"{source.name}: holds no LoRA modules")
-    metadata = AdapterMetadata(format=FORMAT, source=source.name, dtype=modules.dtype_of(next(iter(modules))))
-    return Adapter(modules, metadata, name)
+    return lazy_adapter(source, parse(source), name, format=FORMAT)
 
 
 def load(path: str | Path, *, allow_pickle: bool = False) -> Adapter:

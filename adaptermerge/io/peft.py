@@ -18,10 +18,10 @@ from typing import Any
 
 import torch
 
-from ..adapter import Adapter, AdapterMetadata
+from ..adapter import Adapter
 from ..errors import AdapterFormatError
 from ..patterns import anchored, find_pattern_key
-from ._source import DictSource, LazyModules, ModuleEntry, TensorSource, open_source, take_unused
+from ._source import DictSource, ModuleEntry, TensorSource, lazy_adapter, open_source, take_unused
 from ._write import atomic_path, provenance_metadata, save_tensors
 
 FORMAT = "peft"
@@ -91,18 +91,14 @@ def parse(source: TensorSource, config: Mapping[str, Any]) -> dict[str, ModuleEn
 
 
 def _adapter(source: TensorSource, config: Mapping[str, Any], name: str) -> Adapter:
-    modules = LazyModules(source, parse(source, config))
-    if not modules:
-        raise AdapterFormatError(f"{source.name}: holds no LoRA modules")
-    dtype = modules.dtype_of(next(iter(modules)))
-    metadata = AdapterMetadata(
-        base_model=config.get("base_model_name_or_path"),
+    return lazy_adapter(
+        source,
+        parse(source, config),
+        name,
         format=FORMAT,
-        source=source.name,
-        dtype=dtype,
+        base_model=config.get("base_model_name_or_path"),
         extra={k: config[k] for k in _CARRIED if config.get(k) is not None},
     )
-    return Adapter(modules, metadata, name)
 
 
 def load(path: str | Path, *, allow_pickle: bool = False) -> Adapter:

@@ -13,16 +13,15 @@ a task into one vector and takes one global top-k.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 
 from ..lowrank import LowRank
 from ._registry import register_method
-from .core_space import align, check_density, check_rank, rank_field, weight_vector
-from .sparsify import SignMethod, check_sign_method, density_field, sign_field, ties_merge
+from .core_space import align, weight_vector
+from .sparsify import TiesParams, ties_merge
 
-__all__ = ["KnotsParams", "knots", "knots_align"]
+__all__ = ["knots", "knots_align"]
 
 
 def knots_align(cores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,27 +38,13 @@ def knots_align(cores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return P, P.T @ cores
 
 
-@dataclass(frozen=True)
-class KnotsParams:
-    """Parameters of `knots`: TIES' density and sign election on the aligned parts."""
-
-    density: float = density_field(0.2)
-    majority_sign_method: SignMethod = sign_field()
-    rank: int | None = rank_field()
-
-    def __post_init__(self) -> None:
-        check_density(self.density)
-        check_sign_method(self.majority_sign_method)
-        check_rank(self.rank)
-
-
 @register_method(
     "knots",
-    params=KnotsParams,
+    params=TiesParams,
     pretty_name="KnOTS-TIES (SVD alignment + TIES, in Core Space)",
     reference_url="https://arxiv.org/abs/2410.19735",
 )
-def knots(updates: Sequence[LowRank], weights: Sequence[float], params: KnotsParams) -> LowRank:
+def knots(updates: Sequence[LowRank], weights: Sequence[float], params: TiesParams) -> LowRank:
     """KnOTS-TIES per module: SVD alignment of the tasks, then TIES on their aligned representations.
 
     Stoica et al., "Model merging with SVD to tie the KnOTS" (ICLR 2025), https://arxiv.org/abs/2410.19735,
