@@ -1,9 +1,9 @@
 """Spectral merges on Core Space cores: peft's `svd`, TSV-M (task singular vectors) and Iso-C (isotropic merging).
 
-Each pure function takes the weighted cores `(T, ρ_B, ρ_A)` and returns the merged core; the registered methods
-align the updates with :mod:`.core_space`, merge and map back. Because the Core Space bases are orthonormal, an SVD
-of a core is the SVD of the update it stands for, so these merges are the full-space methods restricted to the
-span of the inputs (exactly so for `svd`).
+Each pure function takes the weighted cores `(T, ρ_B, ρ_A)` and returns the merged core; `tsv` and `iso_c` align
+the updates with :mod:`.core_space`, merge and map back. Because the Core Space bases are orthonormal, an SVD of a
+core is the SVD of the update it stands for, so these merges are the full-space methods restricted to the span of
+the inputs. `svd` needs no alignment: it truncates the exact sum through `lowrank.truncate`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..lowrank import COMPUTE_DTYPE, LowRank
+from ..lowrank import COMPUTE_DTYPE, LowRank, concat, truncate
 from ._registry import register_method
 from .core_space import align, check_rank, rank_field, weight_vector
 
@@ -84,16 +84,15 @@ class SpectralParams:
 def svd(updates: Sequence[LowRank], weights: Sequence[float], params: SvdParams) -> LowRank:
     """The weighted sum truncated to `rank` by SVD: peft's `add_weighted_adapter(combination_type="svd")`.
 
-    peft (after kohya's `svd_merge_lora`) builds every dense `ΔW`, sums and runs a full SVD; here the sum of the
-    Core Space cores is decomposed instead (https://arxiv.org/abs/2509.17786), which gives the same best
-    rank-`rank` approximation (Eckart–Young) without any `out × in` matrix.
+    peft (after kohya's `svd_merge_lora`) builds every dense `ΔW`, sums and runs a full SVD; here the exact sum is
+    kept as concatenated factors and truncated through QR of both factors and an SVD of the `R × R` core, which
+    gives the same best rank-`rank` approximation (Eckart–Young) without any `out × in` matrix.
 
     Args:
         rank (`int`, *optional*): the output rank; the largest input rank by default, as in peft.
     """
-    space, cores = align(updates)
     rank = params.rank if params.rank is not None else max(update.rank for update in updates)
-    return space.to_lowrank((cores * weight_vector(weights, cores)).sum(dim=0), rank=rank)
+    return truncate(concat(updates, weights), rank)
 
 
 @register_method(
