@@ -144,6 +144,39 @@ def test_export_writes_the_merge_for_download(client, tmp_path):
         torch.testing.assert_close(exported[module].to_dense(), expected[module].to_dense(), atol=1e-5, rtol=1e-4)
 
 
+def test_advanced_weights_scale_modules_times_the_slider(client, tmp_path):
+    advanced = 'digit: {"fc1": 0.5, "default": 1.0}\nparity: {"lbw": "ALL"}'  # YAML with JSON values
+    path = client.predict("linear", *weights(digit=0.8, parity=-0.5), *PARAMS, "peft", advanced, api_name="/export")
+    with zipfile.ZipFile(path) as archive:
+        archive.extractall(tmp_path / "merged")
+    exported = load_adapter(tmp_path / "merged")
+    from adaptermerge.quality import load_demo_suite
+
+    digit, parity = (load_adapter(load_demo_suite().adapter_paths[t]) for t in ("digit", "parity"))
+    for module, digit_weight in [("fc1", 0.4), ("fc2", 0.8), ("fc3", 0.8)]:
+        # lbw: modules outside the UNet blocks keep the multiplier 1.0, so parity is the slider alone
+        expected = digit_weight * digit[module].to_dense() - 0.5 * parity[module].to_dense()
+        torch.testing.assert_close(exported[module].to_dense(), expected, atol=1e-5, rtol=1e-4)
+    plain = client.predict("linear", *weights(digit=1.0), *PARAMS, "", api_name="/preview")[0]
+    masked = client.predict("linear", *weights(digit=1.0), *PARAMS, "digit: {fc3: 0.0}", api_name="/preview")[0]
+    assert merged_scores(masked) != merged_scores(plain)
+
+
+@pytest.mark.parametrize(
+    ("advanced", "reason"),
+    [
+        ('{"digit": {"fc1": 0.5', "not valid JSON or YAML"),
+        ('{"nope": {"fc1": 0.5}}', "unknown adapters"),
+        ('{"digit": 0.5}', "give a mapping"),
+        ('{"digit": {"lbw": "NOPE"}}', "unknown block-weight preset"),
+        ('{"digit": {"fc1": "x"}}', "finite number"),
+    ],
+)
+def test_bad_advanced_weights_show_an_error_not_a_traceback(client, advanced, reason):
+    with pytest.raises(AppError, match=reason):
+        client.predict("linear", *weights(digit=1.0), *PARAMS, advanced, api_name="/preview")
+
+
 def test_export_to_a_format_that_cannot_hold_it_shows_the_reason(client):
     with pytest.raises(AppError, match="write it with --format peft"):
         client.predict("linear", *weights(digit=1.0), *PARAMS, "kohya", api_name="/export")

@@ -16,7 +16,16 @@ from typing import Any
 from ..errors import AdapterMergeError
 from ..io import FORMATS
 from ..methods import list_methods
-from .workbench import MAX_ADAPTERS, MAX_UPLOAD_BYTES, TextPreview, Workbench, export, make_workbench, upload
+from .workbench import (
+    MAX_ADAPTERS,
+    MAX_UPLOAD_BYTES,
+    TextPreview,
+    Workbench,
+    export,
+    make_workbench,
+    parse_weight_specs,
+    upload,
+)
 
 __all__ = ["build_app", "launch"]
 
@@ -81,9 +90,9 @@ CSS = """
 def build_app(bench: Workbench) -> Any:
     """The Gradio Blocks of the app over `bench`.
 
-    Endpoints for `gradio_client`: `/preview` (method, weights×MAX_ADAPTERS, parameters…) → (preview HTML, heatmap
-    HTML, timing text); `/select_method` (method) → parameter controls; `/upload` (files) → sliders, previews;
-    `/export` (method, weights…, parameters…, format) → file.
+    Endpoints for `gradio_client`: `/preview` (method, weights×MAX_ADAPTERS, parameters…, advanced weights text) →
+    (preview HTML, heatmap HTML, timing text); `/select_method` (method) → parameter controls; `/upload` (files) →
+    sliders, previews; `/export` (method, weights…, parameters…, format, advanced weights text) → file.
     """
     import gradio as gr
 
@@ -99,10 +108,12 @@ def build_app(bench: Workbench) -> Any:
         return [float(w or 0.0) for w in values[:MAX_ADAPTERS]], list(values[MAX_ADAPTERS:])
 
     def on_preview(method: str, *values: Any) -> tuple[str, str, str]:
+        *values, advanced = values
         weights, param_values = split(values)
         start = time.perf_counter()
         try:
-            merged = bench.merge(weights, method, params_of(method, param_values))
+            specs = parse_weight_specs(advanced, bench.names)
+            merged = bench.merge(weights, method, params_of(method, param_values), specs)
             preview = bench.preview(merged)
         except (AdapterMergeError, ValueError) as err:
             raise gr.Error(str(err)) from None
@@ -136,10 +147,11 @@ def build_app(bench: Workbench) -> Any:
             bench.preview_fn.prompt = text
 
     def on_export(method: str, *values: Any) -> str:
-        *values, fmt = values
+        *values, fmt, advanced = values
         weights, param_values = split(values)
         try:
-            return str(export(bench, weights, method, params_of(method, param_values), fmt))
+            specs = parse_weight_specs(advanced, bench.names)
+            return str(export(bench, weights, method, params_of(method, param_values), fmt, specs))
         except (AdapterMergeError, ValueError) as err:
             raise gr.Error(str(err)) from None
 
@@ -170,6 +182,16 @@ def build_app(bench: Workbench) -> Any:
                         widgets.append(gr.Checkbox(**kwargs))
                     else:
                         widgets.append(gr.Number(precision=None if c.kind == "float" else 0, **kwargs))
+                advanced = gr.Textbox(
+                    "",
+                    lines=2,
+                    label="advanced weights (JSON or YAML)",
+                    info="adapter name → per-module weights, times its slider: module patterns "
+                    '({"fc1": 0.5, "default": 1.0}), diffusers blocks ({"unet": {"up": 0.0}}) or A1111 block '
+                    'weights ({"lbw": "OUTD"}); empty: the sliders alone',
+                    placeholder='{"digit": {"fc1": 0.5, "default": 1.0}}',
+                    elem_id="advanced-weights",
+                )
                 uploads = gr.File(label="add an adapter (.safetensors)", file_count="multiple", elem_id="upload")
                 upload_status = gr.Markdown(elem_id="upload-status")
                 with gr.Row():
@@ -185,11 +207,11 @@ def build_app(bench: Workbench) -> Any:
                 preview = gr.HTML(elem_id="preview")
                 heatmap = gr.HTML(elem_id="heatmap")
 
-        inputs = [method, *sliders, *widgets]
+        inputs = [method, *sliders, *widgets, advanced]
         outputs = [preview, heatmap, timing]
         preview_args = {"fn": on_preview, "inputs": inputs, "outputs": outputs, "api_visibility": "private"}
         gr.on(
-            [s.release for s in sliders] + [w.input for w in widgets],
+            [s.release for s in sliders] + [w.input for w in widgets] + [advanced.blur, advanced.submit],
             on_preview,
             inputs,
             outputs,
@@ -200,7 +222,7 @@ def build_app(bench: Workbench) -> Any:
         app.load(on_method, method, [method_doc, *widgets], api_visibility="private").then(**preview_args)
         prompt.submit(set_prompt, prompt, None, api_name="set_prompt").then(**preview_args)
         uploads.upload(on_upload, uploads, [*sliders, upload_status], api_name="upload")
-        export_button.click(on_export, [*inputs, fmt], exported, api_name="export")
+        export_button.click(on_export, [*inputs[:-1], fmt, advanced], exported, api_name="export")
     return app
 
 

@@ -22,11 +22,12 @@ from typing import Any
 import torch
 
 from ..adapter import Adapter, check_compatible, module_union
-from ..errors import AdapterMergeError
+from ..errors import AdapterMergeError, InvalidParameterError
 from ..io import load_adapter, save_adapter
 from ..library import find_adapters
 from ..lowrank import inner
 from ..merge import merge_adapters
+from ..weights import check_weights
 
 __all__ = [
     "DEMO",
@@ -36,6 +37,7 @@ __all__ = [
     "Workbench",
     "export",
     "make_workbench",
+    "parse_weight_specs",
     "upload",
 ]
 
@@ -107,9 +109,39 @@ class Workbench:
         self.adapters.append(adapter)
         return adapter
 
-    def merge(self, weights: Sequence[float], method: str, params: Mapping[str, Any]) -> Adapter | None:
-        """The merge of the adapters with nonzero weight (`None` when every weight is zero)."""
-        chosen = [(a, float(w)) for a, w in zip(self.adapters, weights) if w]
+    def merge(
+        self,
+        weights: Sequence[float],
+        method: str,
+        params: Mapping[str, Any],
+        specs: Mapping[str, Mapping[str, Any]] | None = None,
+    ) -> Adapter | None:
+        """The merge of the adapters with nonzero weight (`None` when every weight is zero).
+
+        Args:
+            specs (`dict`, *optional*): adapter name → per-module weight (see `adaptermerge.weights`). Such an
+                adapter's factors are scaled by its slider weight and the mapping is passed as its weight, so the
+                module weights are the mapping times the slider whatever the mapping's form.
+
+        Raises:
+            InvalidParameterError: for a weight mapping that names no valid modules, blocks or preset.
+        """
+        chosen = []
+        for adapter, weight in zip(self.adapters, weights):
+            if not weight:
+                continue
+            spec = (specs or {}).get(adapter.name)
+            if spec is None:
+                chosen.append((adapter, float(weight)))
+                continue
+            try:
+                resolve = check_weights([spec], 1)[0]
+                for module in adapter:  # nested block values are checked when a module resolves
+                    resolve(module)
+            except InvalidParameterError as err:
+                raise InvalidParameterError(f"advanced weights of {adapter.name!r}: {err}") from None
+            scaled = adapter.with_modules({m: u.scale(float(weight)) for m, u in adapter.items()})
+            chosen.append((scaled, spec))
         if not chosen:
             return None
         adapters, chosen_weights = zip(*chosen)
@@ -256,6 +288,40 @@ class TextPreview:
         return self.prompt + " → " + self.tokenizer.decode(output[0, inputs["input_ids"].shape[1] :])
 
 
+def parse_weight_specs(text: str | None, names: Sequence[str]) -> dict[str, Mapping[str, Any]]:
+    """The "advanced weights" box: JSON or YAML mapping adapter names to per-module weight mappings.
+
+    Each value is a module-pattern mapping (`{"fc1": 0.5, "default": 1.0}`), a diffusers block dict
+    (`{"unet": {"up": 0.0}}`) or an A1111 block-weight vector (`{"lbw": "OUTD"}`); an empty box gives `{}`.
+
+    Raises:
+        InvalidParameterError: for text that is not JSON/YAML, not a mapping, names no held adapter, or gives a
+            number where a mapping is expected.
+    """
+    import yaml
+
+    if not text or not text.strip():
+        return {}
+    try:
+        specs = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise InvalidParameterError(f"advanced weights are not valid JSON or YAML: {err}") from None
+    if not isinstance(specs, Mapping):
+        raise InvalidParameterError(
+            'advanced weights take a mapping from adapter name to weights, e.g. {"digit": {"fc1": 0.5}}'
+        )
+    unknown = sorted(str(name) for name in specs if name not in names)
+    if unknown:
+        raise InvalidParameterError(f"advanced weights name unknown adapters {unknown}; adapters: {', '.join(names)}")
+    for name, spec in specs.items():
+        if not isinstance(spec, Mapping):
+            raise InvalidParameterError(
+                f"advanced weights of {name!r}: give a mapping (module patterns, blocks or 'lbw'); the slider gives "
+                f"a single number, got {spec!r}"
+            )
+    return dict(specs)
+
+
 def upload(bench: Workbench, files: Sequence[str | Path]) -> Adapter:
     """Validate uploaded files like command-line input and add them as one adapter.
 
@@ -286,9 +352,16 @@ def upload(bench: Workbench, files: Sequence[str | Path]) -> Adapter:
     )
 
 
-def export(bench: Workbench, weights: Sequence[float], method: str, params: Mapping[str, Any], fmt: str) -> Path:
+def export(
+    bench: Workbench,
+    weights: Sequence[float],
+    method: str,
+    params: Mapping[str, Any],
+    fmt: str,
+    specs: Mapping[str, Mapping[str, Any]] | None = None,
+) -> Path:
     """Write the merge in `fmt` to a new temporary folder; a PEFT folder is zipped. Returns the file to download."""
-    merged = bench.merge(weights, method, params)
+    merged = bench.merge(weights, method, params, specs)
     if merged is None:
         raise AdapterMergeError("every weight is zero: move a slider before exporting")
     folder = Path(tempfile.mkdtemp(prefix="adaptermerge-export-"))
