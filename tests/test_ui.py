@@ -5,6 +5,7 @@ import socket
 import time
 import zipfile
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -175,6 +176,28 @@ def test_advanced_weights_scale_modules_times_the_slider(client, tmp_path):
 def test_bad_advanced_weights_show_an_error_not_a_traceback(client, advanced, reason):
     with pytest.raises(AppError, match=reason):
         client.predict("linear", *weights(digit=1.0), *PARAMS, advanced, api_name="/preview")
+
+
+def test_diffusion_preview_follows_its_sliders_without_rebuilding(client, monkeypatch):
+    from PIL import Image
+
+    import adaptermerge.ui.diffusion
+
+    def render(*weights):
+        path, timing = client.predict(*weights, api_name="/diffusion_preview")
+        return np.asarray(Image.open(path).convert("RGB")).astype(int), float(re.search(r"(\d+) ms", timing).group(1))
+
+    base, _ = render(0.0, 0.0, 0.0)  # builds the pipeline and loads the merge once
+    for name in ("tiny_sd_pipeline", "random_pipeline_loras"):
+        monkeypatch.setattr(adaptermerge.ui.diffusion, name, lambda *_, **__: pytest.fail("rebuilt on a slider move"))
+    monkeypatch.setattr("adaptermerge.load_merged_adapters", lambda *_, **__: pytest.fail("reloaded the adapters"))
+    mixed, server_ms = render(1.0, -0.5, 0.0)
+    assert base.shape == (256, 256, 3)
+    assert np.abs(mixed - base).mean() > 5  # the merged LoRAs change the image
+    assert np.array_equal(render(0.0, 0.0, 0.0)[0], base)  # in place and restorable: zero weights give the base
+    assert not np.array_equal(render(0.0, 0.0, 1.0)[0], render(0.0, 0.0, 2.0)[0])
+    print(f"diffusion slider → image: {server_ms:.0f} ms in the server")
+    assert server_ms < 2000
 
 
 def test_export_to_a_format_that_cannot_hold_it_shows_the_reason(client):

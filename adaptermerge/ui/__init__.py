@@ -1,7 +1,8 @@
 """The Gradio app: a slider per adapter, a merge method with its parameters, a live preview, a heatmap, export.
 
 `launch()` serves it (the `adaptermerge ui` verb and `python ui/app.py` call it); the page is built in `app.py`
-over the in-memory state of `workbench.py`. File access is limited to the folders given on the command line.
+over the in-memory state of `workbench.py`; the embedded default adds a tiny diffusion pipeline (`diffusion.py`, built
+on first use). File access is limited to the folders given on the command line.
 """
 
 from .app import build_app, launch

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import html
 import logging
+import threading
 import time
 import typing
 from collections.abc import Mapping, Sequence
@@ -16,7 +17,9 @@ from typing import Any
 from ..errors import AdapterMergeError
 from ..io import FORMATS
 from ..methods import list_methods
+from .diffusion import DIFFUSION_ADAPTERS
 from .workbench import (
+    DEMO,
     MAX_ADAPTERS,
     MAX_UPLOAD_BYTES,
     TextPreview,
@@ -87,12 +90,61 @@ CSS = """
 """
 
 
-def build_app(bench: Workbench) -> Any:
-    """The Gradio Blocks of the app over `bench`.
+def _diffusion_section(gr: Any) -> None:
+    """A collapsed section with the embedded tiny diffusion pipeline: a slider per LoRA and the rendered image.
+
+    The pipeline is built on first use (opening the section, or a call to `/diffusion_preview`), so diffusers is
+    imported only then; slider moves re-weight the loaded merge in place and re-render.
+    """
+    holder: dict[str, Any] = {}
+    lock = threading.Lock()
+
+    def on_render(*weights: float) -> tuple[Any, str]:
+        from .diffusion import DiffusionPreview
+
+        with lock:
+            if "preview" not in holder:
+                holder["preview"] = DiffusionPreview()
+        start = time.perf_counter()
+        try:
+            image = holder["preview"].render([float(w or 0.0) for w in weights])
+        except (AdapterMergeError, ValueError) as err:
+            raise gr.Error(str(err)) from None
+        elapsed = time.perf_counter() - start
+        # nearest-neighbour ×8 so the 32-pixel image is visible
+        return image.repeat(8, axis=0).repeat(8, axis=1), f"re-weight + render: {1000 * elapsed:.0f} ms"
+
+    with gr.Accordion("diffusion: a tiny Stable Diffusion pipeline with three LoRAs", open=False) as section:
+        gr.Markdown(
+            "A toy pipeline with random weights, built in memory: the image changes with the weights, it is not "
+            "meant to look like anything. Weights re-weight one loaded linear merge in place."
+        )
+        with gr.Row():
+            with gr.Column(scale=1):
+                sliders = [
+                    gr.Slider(*WEIGHT_RANGE, value=0.0, step=0.05, label=name, elem_id=f"diffusion-weight-{i}")
+                    for i, name in enumerate(DIFFUSION_ADAPTERS)
+                ]
+            with gr.Column(scale=1):
+                timing = gr.Markdown(elem_id="diffusion-timing")
+                image = gr.Image(label="rendered", format="png", type="numpy", elem_id="diffusion-image")
+    gr.on(
+        [section.expand] + [s.release for s in sliders],
+        on_render,
+        sliders,
+        [image, timing],
+        api_name="diffusion_preview",
+        trigger_mode="always_last",
+    )
+
+
+def build_app(bench: Workbench, *, diffusion: bool = False) -> Any:
+    """The Gradio Blocks of the app over `bench`, with the tiny diffusion pipeline's section when `diffusion`.
 
     Endpoints for `gradio_client`: `/preview` (method, weights×MAX_ADAPTERS, parameters…, advanced weights text) →
     (preview HTML, heatmap HTML, timing text); `/select_method` (method) → parameter controls; `/upload` (files) →
-    sliders, previews; `/export` (method, weights…, parameters…, format, advanced weights text) → file.
+    sliders, previews; `/export` (method, weights…, parameters…, format, advanced weights text) → file;
+    `/diffusion_preview` (one weight per diffusion LoRA) → (image, timing text) when `diffusion`.
     """
     import gradio as gr
 
@@ -206,6 +258,8 @@ def build_app(bench: Workbench) -> Any:
                 timing = gr.Markdown(elem_id="timing")
                 preview = gr.HTML(elem_id="preview")
                 heatmap = gr.HTML(elem_id="heatmap")
+        if diffusion:
+            _diffusion_section(gr)
 
         inputs = [method, *sliders, *widgets, advanced]
         outputs = [preview, heatmap, timing]
@@ -244,7 +298,7 @@ def launch(
     if host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("binding to %s: anyone who can reach this address can use the app and its files", host)
     bench = make_workbench(base, adapters_dir)
-    app = build_app(bench)
+    app = build_app(bench, diffusion=base in (None, DEMO) and adapters_dir is None)
     app.launch(
         server_name=host,
         server_port=port,
