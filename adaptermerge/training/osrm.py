@@ -32,7 +32,7 @@ from torch import nn
 from ..adapter import Adapter
 from ..errors import AdapterMergeWarning, InvalidParameterError, NotFittedError
 from ..io._write import atomic_path, save_tensors
-from ..lowrank import COMPUTE_DTYPE, LowRank, _sign_fixed_svd
+from ..lowrank import COMPUTE_DTYPE, LowRank
 from ..patterns import find_pattern_key
 from ._peft import adapters_disabled, lora_A_weight, lora_layers, module_key
 
@@ -231,7 +231,7 @@ class OSRM:
         n = gram.shape[0]
         if rank > n:
             raise InvalidParameterError(f"module {module!r} has {n} input features; rank {rank} cannot exceed it")
-        vectors, values = _sign_fixed_svd(gram)  # eigen-decomposition of a symmetric PSD matrix, descending
+        vectors, values = _eigh_descending(gram)
         used = int((values > RANK_RTOL * values[0]).sum()) if values.numel() and values[0] > 0 else 0
         if rank > n - used:
             warnings.warn(
@@ -326,6 +326,17 @@ class OSRM:
             osrm.statistics_[config["tasks"][int(index)]][module] = value
         osrm.n_samples_ = dict(config["n_samples"])
         return osrm
+
+
+def _eigh_descending(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvectors (columns) and eigenvalues of a symmetric PSD matrix, values descending, signs fixed.
+
+    Each vector's largest-magnitude entry is made positive so the basis is reproducible.
+    """
+    values, vectors = torch.linalg.eigh(gram)
+    values, vectors = values.flip(0).clamp_min(0), vectors.flip(1)
+    signs = torch.sign(vectors[vectors.abs().argmax(dim=0), torch.arange(vectors.shape[1])])
+    return vectors * torch.where(signs == 0, 1.0, signs), values
 
 
 def _adapter_names(model: nn.Module) -> list[str]:
