@@ -104,9 +104,10 @@ def test_cosine_of_a_zero_update_is_zero():
 def test_orthonormal_bases_are_orthonormal_and_span_every_factor(updates):
     U_B, U_A = orthonormal_bases(updates)
     out_features, in_features = updates[0].shape
-    stacked = sum(u.rank for u in updates)
-    assert U_B.shape == (out_features, min(out_features, stacked))
-    assert U_A.shape == (in_features, min(in_features, stacked))
+    B_cat = torch.cat([u.B for u in updates], dim=1)
+    A_stk = torch.cat([u.A for u in updates], dim=0)
+    assert U_B.shape == (out_features, torch.linalg.matrix_rank(B_cat))
+    assert U_A.shape == (in_features, torch.linalg.matrix_rank(A_stk))
     for basis in (U_B, U_A):
         assert close(basis.T @ basis, torch.eye(basis.shape[1], dtype=basis.dtype))
     for u in updates:
@@ -114,9 +115,9 @@ def test_orthonormal_bases_are_orthonormal_and_span_every_factor(updates):
         assert close(U_A @ (U_A.T @ u.A.T), u.A.T, float(u.A.abs().max()))
         core = U_B.T @ u.to_dense() @ U_A
         assert close(U_B @ core @ U_A.T, u.to_dense(), float(core.abs().max()))
-    # sign convention: the largest-magnitude entry of each basis vector is positive
-    for basis in (U_B, U_A):
-        assert (basis[basis.abs().argmax(dim=0), torch.arange(basis.shape[1])] > 0).all()
+    # sign convention: the matching right singular vectors (columns of stackᵀ U) have their largest entry positive
+    for V in (B_cat.T @ U_B, A_stk @ U_A):
+        assert (V[V.abs().argmax(dim=0), torch.arange(V.shape[1])] > 0).all()
 
 
 @EXAMPLES

@@ -1,8 +1,8 @@
 """Core Space: align the updates of one module in a shared low-dimensional basis and merge their small cores.
 
 Per module, with `B_cat = [B_1 … B_T]` (`out × R`) and `A_stk = [A_1; …; A_T]` (`R × in`), `R = Σ r_t`:
-`U_B` is an orthonormal basis of the column space of `B_cat` and `U_A` of the row space of `A_stk` (sign-fixed
-thin-SVD bases from :func:`adaptermerge.lowrank.orthonormal_bases`, float64). Each task's core
+`U_B` is an orthonormal basis of the column space of `B_cat` and `U_A` of the row space of `A_stk` (their left
+singular vectors, float64, from :func:`adaptermerge.lowrank.range_basis`). Each task's core
 `M_t = (U_Bᵀ B_t)(A_t U_A)` is at most `R × R` and holds its update exactly: `B_t A_t = U_B M_t U_Aᵀ`. A merge
 method combines the cores into `M*`, and `U_B M* U_Aᵀ` comes back as a LowRank of rank at most `R` through an
 SVD of `M*`. Nothing of size `out × in` is ever built.
@@ -14,6 +14,8 @@ reference code omits (it is right there only because its adapters have `alpha = 
 
 from __future__ import annotations
 
+import functools
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,52 +23,50 @@ from typing import Any
 import torch
 
 from ..errors import InvalidParameterError
-from ..lowrank import COMPUTE_DTYPE, LowRank, orthonormal_bases
+from ..lowrank import COMPUTE_DTYPE, LowRank, check_same_shape, range_basis
 
 __all__ = ["CoreSpace", "align", "check_density", "check_rank", "rank_field", "weight_vector"]
 
 
 @dataclass(frozen=True)
 class CoreSpace:
-    """The shared bases of one module's updates.
+    """The shared bases of one module's updates, kept in factored form.
+
+    The bases are never built: `U_B = B_cat @ X_B` and `U_A = A_stkᵀ @ X_A` with small `R × ρ` transforms from
+    :func:`adaptermerge.lowrank.range_basis`, so aligning costs one Gram product per side and mapping back one
+    matrix product per side.
 
     Args:
-        U_B (`torch.Tensor` of shape `(out, ρ_B)`): orthonormal columns spanning every `B_t`, float64.
-        U_A (`torch.Tensor` of shape `(in, ρ_A)`): orthonormal columns spanning every `A_tᵀ`, float64.
+        B_cat (`torch.Tensor` of shape `(out, R)`): every update's `B`, side by side, at input precision (float32 at
+            least).
+        X_B (`torch.Tensor` of shape `(R, ρ_B)`): `U_B = B_cat @ X_B` has orthonormal columns spanning every `B_t`.
+        A_stk (`torch.Tensor` of shape `(R, in)`): every update's `A`, stacked, at input precision.
+        X_A (`torch.Tensor` of shape `(R, ρ_A)`): `U_A = A_stkᵀ @ X_A` has orthonormal columns spanning every `A_tᵀ`.
         kernel_size (`tuple[int, ...]`): the conv kernel size of the updates, `()` for linear layers.
         dtype (`torch.dtype`): the dtype results are cast back to.
     """
 
-    U_B: torch.Tensor
-    U_A: torch.Tensor
+    B_cat: torch.Tensor
+    X_B: torch.Tensor
+    A_stk: torch.Tensor
+    X_A: torch.Tensor
     kernel_size: tuple[int, ...] = ()
     dtype: torch.dtype = torch.float32
 
-    @classmethod
-    def from_updates(cls, updates: Sequence[LowRank]) -> CoreSpace:
-        """The Core Space of `updates` (all of one module's shape).
+    @property
+    def U_B(self) -> torch.Tensor:
+        """The orthonormal basis of the `B` side, `(out, ρ_B)`, float64 (built on demand; merges never need it)."""
+        return self.B_cat.to(COMPUTE_DTYPE) @ self.X_B
 
-        Raises:
-            IncompatibleAdaptersError: when the updates are empty or differ in shape.
-        """
-        U_B, U_A = orthonormal_bases(updates)
-        dtype = updates[0].dtype
-        for update in updates[1:]:
-            dtype = torch.promote_types(dtype, update.dtype)
-        if not dtype.is_floating_point:
-            dtype = torch.float32
-        return cls(U_B, U_A, updates[0].kernel_size, dtype)
+    @property
+    def U_A(self) -> torch.Tensor:
+        """The orthonormal basis of the `A` side, `(in, ρ_A)`, float64 (built on demand)."""
+        return self.A_stk.T.to(COMPUTE_DTYPE) @ self.X_A
 
     @property
     def core_shape(self) -> tuple[int, int]:
-        """`(ρ_B, ρ_A)`: `(R, R)` unless `R` exceeds `out` or `in`."""
-        return (self.U_B.shape[1], self.U_A.shape[1])
-
-    def project(self, update: LowRank) -> torch.Tensor:
-        """The core `U_Bᵀ B A U_A` of one update, shape `(ρ_B, ρ_A)`, float64, from `R × r` products only."""
-        left = self.U_B.T @ update.B.to(device=self.U_B.device, dtype=COMPUTE_DTYPE)
-        right = update.A.to(device=self.U_A.device, dtype=COMPUTE_DTYPE) @ self.U_A
-        return left @ right
+        """`(ρ_B, ρ_A)`: `(R, R)` unless `R` exceeds `out` or `in`, or the stacked factors are rank-deficient."""
+        return (self.X_B.shape[1], self.X_A.shape[1])
 
     def to_lowrank(self, core: torch.Tensor, *, rank: int | None = None) -> LowRank:
         """Map a merged core back to the update `U_B core U_Aᵀ`, factors balanced by `sqrt` of its singular values.
@@ -84,16 +84,19 @@ class CoreSpace:
         if rank is not None:
             keep = min(keep, rank)
         root = S[:keep].sqrt()
-        B = self.U_B @ (P[:, :keep] * root)
-        A = (root[:, None] * Qh[:keep]) @ self.U_A.T
+        B = self.B_cat @ (self.X_B @ (P[:, :keep] * root)).to(self.B_cat.dtype)
+        A = ((root[:, None] * Qh[:keep]) @ self.X_A.T).to(self.A_stk.dtype) @ self.A_stk
         return LowRank(A.to(self.dtype), B.to(self.dtype), self.kernel_size)
 
 
 def align(updates: Sequence[LowRank]) -> tuple[CoreSpace, torch.Tensor]:
     """The Core Space of `updates` and their stacked cores.
 
+    With `U_Bᵀ B_cat = R_B` and `U_Aᵀ A_stkᵀ = R_A` from :func:`~adaptermerge.lowrank.range_basis`, task `t`'s core
+    `U_Bᵀ B_t A_t U_A` is the product of its column blocks `R_B[:, t] R_A[:, t]ᵀ`: no further pass over the factors.
+
     Args:
-        updates (`list[LowRank]`): the updates of one module, scale folded in, any mix of ranks.
+        updates (`list[LowRank]`): the updates of one module, any mix of ranks.
 
     Returns:
         `(space, cores)`: the bases, and `cores` of shape `(T, ρ_B, ρ_A)` (float64) with
@@ -102,8 +105,19 @@ def align(updates: Sequence[LowRank]) -> tuple[CoreSpace, torch.Tensor]:
     Raises:
         IncompatibleAdaptersError: when the updates are empty or differ in shape.
     """
-    space = CoreSpace.from_updates(updates)
-    return space, torch.stack([space.project(update) for update in updates])
+    check_same_shape(updates)
+    dtype = functools.reduce(torch.promote_types, (update.dtype for update in updates))
+    if not dtype.is_floating_point:
+        dtype = torch.float32
+    work = torch.promote_types(dtype, torch.float32)
+    B_cat = torch.cat([update.B.to(work) for update in updates], dim=1)
+    A_stk = torch.cat([update.A.to(work) for update in updates], dim=0)
+    X_B, R_B = range_basis(B_cat)
+    X_A, R_A = range_basis(A_stk.T)
+    space = CoreSpace(B_cat, X_B, A_stk, X_A, updates[0].kernel_size, dtype)
+    edges = list(itertools.accumulate((update.rank for update in updates), initial=0))
+    cores = torch.stack([R_B[:, lo:hi] @ R_A[:, lo:hi].T for lo, hi in itertools.pairwise(edges)])
+    return space, cores
 
 
 def weight_vector(weights: Sequence[float], cores: torch.Tensor) -> torch.Tensor:
