@@ -63,7 +63,10 @@ def base_and_own(preview_html: str) -> dict[str, tuple[float, float]]:
 
 
 def preview(client, method="linear", params=PARAMS, **by_task):
-    return client.predict(method, *weights(**by_task), *params, api_name="/preview")
+    """(preview HTML, heatmap HTML, timing) of the demo, whose image output is always empty."""
+    html, image, heatmap, timing = client.predict(method, *weights(**by_task), *params, api_name="/preview")
+    assert image is None
+    return html, heatmap, timing
 
 
 def test_preview_follows_the_slider_well_under_a_second(client):
@@ -211,7 +214,7 @@ def test_upload_of_a_compatible_adapter_adds_a_slider(client, tmp_path):
     files = [handle_file(str(folder / name)) for name in ("adapter_config.json", "adapter_model.safetensors")]
     *sliders, status = client.predict(files, api_name="/upload")
     assert "Added upload" in status
-    html, _, _ = client.predict("linear", *([0.0] * len(TASKS) + [1.0] + [0.0] * 7), *PARAMS, api_name="/preview")
+    html, *_ = client.predict("linear", *([0.0] * len(TASKS) + [1.0] + [0.0] * 7), *PARAMS, api_name="/preview")
     assert merged_scores(html) != merged_scores(preview(client)[0])
 
 
@@ -248,7 +251,14 @@ def test_cli_warns_on_a_public_host_and_passes_the_folders(monkeypatch, tmp_path
     result = CliRunner().invoke(main, ["ui", "--host", "0.0.0.0", "--port", "7999", "--adapters", str(tmp_path)])
     assert result.exit_code == 0, result.output
     assert "Warning: binding to 0.0.0.0" in result.output
-    assert seen == {"host": "0.0.0.0", "port": 7999, "base": None, "adapters_dir": str(tmp_path)}
+    assert seen == {
+        "host": "0.0.0.0",
+        "port": 7999,
+        "base": None,
+        "adapters_dir": str(tmp_path),
+        "steps": 20,
+        "size": None,
+    }
 
 
 def test_cli_refuses_an_adapter_folder_without_adapters(tmp_path):

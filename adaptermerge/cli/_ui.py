@@ -10,7 +10,12 @@ __all__ = ["COMMANDS"]
 @click.command("ui")
 @click.option("--host", default="127.0.0.1", help="Address to bind; anything but loopback is reachable by others.")
 @click.option("--port", type=int, default=None, help="Port to listen on; the first free one from 7860 by default.")
-@click.option("--base", default=None, help="Base model (local path or hub id); the embedded digits demo by default.")
+@click.option(
+    "--base",
+    default=None,
+    help="Base model (local path or hub id): a causal LM, previewed by generated text, or a diffusers pipeline "
+    "(a folder with model_index.json), previewed by an image; the embedded demo by default.",
+)
 @click.option(
     "--adapters",
     "adapters_dir",
@@ -18,13 +23,22 @@ __all__ = ["COMMANDS"]
     default=None,
     help="Folder of adapters to offer (the only folder the app reads); the demo's adapters by default.",
 )
-def ui(host: str, port: int | None, base: str | None, adapters_dir: str | None) -> None:
+@click.option(
+    "--steps", type=click.IntRange(min=1), default=20, show_default=True, help="Denoising steps of an image preview."
+)
+@click.option(
+    "--size",
+    type=click.IntRange(min=8),
+    default=None,
+    help="Side in pixels of an image preview (a multiple of 8); the pipeline's default by default.",
+)
+def ui(host: str, port: int | None, base: str | None, adapters_dir: str | None, steps: int, size: int | None) -> None:
     """Mix adapters with sliders in the browser, see the merge's effect live, and export it."""
     from ..ui import launch
 
     if host not in ("127.0.0.1", "localhost", "::1"):
         click.echo(f"Warning: binding to {host}; anyone who can reach it can use the app.", err=True)
-    launch(host=host, port=port, base=base, adapters_dir=adapters_dir)
+    launch(host=host, port=port, base=base, adapters_dir=adapters_dir, steps=steps, size=size)
 
 
 COMMANDS = [ui]

@@ -17,7 +17,7 @@ from typing import Any
 from ..errors import AdapterMergeError
 from ..io import FORMATS
 from ..methods import list_methods
-from .diffusion import DIFFUSION_ADAPTERS
+from .diffusion import DIFFUSION_ADAPTERS, PipelinePreview
 from .workbench import (
     DEMO,
     MAX_ADAPTERS,
@@ -141,10 +141,13 @@ def _diffusion_section(gr: Any) -> None:
 def build_app(bench: Workbench, *, diffusion: bool = False) -> Any:
     """The Gradio Blocks of the app over `bench`, with the tiny diffusion pipeline's section when `diffusion`.
 
-    Endpoints for `gradio_client`: `/preview` (method, weights×MAX_ADAPTERS, parameters…, advanced weights text) →
-    (preview HTML, heatmap HTML, timing text); `/select_method` (method) → parameter controls; `/upload` (files) →
-    sliders, previews; `/export` (method, weights…, parameters…, format, advanced weights text) → file;
-    `/diffusion_preview` (one weight per diffusion LoRA) → (image, timing text) when `diffusion`.
+    Endpoints for `gradio_client`:
+    - `/preview` (method, weights×MAX_ADAPTERS, parameters…, advanced weights text) → (preview HTML, preview image
+      (a diffusion base's, else None), heatmap HTML, timing text);
+    - `/select_method` (method) → parameter controls; `/upload` (files) → sliders, status;
+    - `/export` (method, weights…, parameters…, format, advanced weights text) → file;
+    - `/set_prompt` (text) for a text or diffusion base;
+    - `/diffusion_preview` (one weight per embedded diffusion LoRA) → (image, timing text) when `diffusion`.
     """
     import gradio as gr
 
@@ -159,18 +162,20 @@ def build_app(bench: Workbench, *, diffusion: bool = False) -> Any:
     def split(values: Sequence[Any]) -> tuple[list[float], list[Any]]:
         return [float(w or 0.0) for w in values[:MAX_ADAPTERS]], list(values[MAX_ADAPTERS:])
 
-    def on_preview(method: str, *values: Any) -> tuple[str, str, str]:
+    def on_preview(method: str, *values: Any) -> tuple[str, Any, str, str]:
         *values, advanced = values
         weights, param_values = split(values)
         start = time.perf_counter()
         try:
             specs = parse_weight_specs(advanced, bench.names)
-            merged = bench.merge(weights, method, params_of(method, param_values), specs)
-            preview = bench.preview(merged)
+            shown = bench.show(weights, method, params_of(method, param_values), specs)
+            heatmap = bench.heatmap(weights, specs)
         except (AdapterMergeError, ValueError) as err:
             raise gr.Error(str(err)) from None
         elapsed = time.perf_counter() - start
-        return preview, bench.heatmap(weights), f"merge + preview: {1000 * elapsed:.0f} ms"
+        if isinstance(shown, str):
+            return shown, None, heatmap, f"merge + preview: {1000 * elapsed:.0f} ms"
+        return "", shown, heatmap, f"merge + render: {1000 * elapsed:.0f} ms"
 
     def on_method(method: str) -> list[Any]:
         defaults = {f.name: f.default for f in dataclasses.fields(methods[method].params_cls)}
@@ -195,7 +200,7 @@ def build_app(bench: Workbench, *, diffusion: bool = False) -> Any:
         return [*slider_updates(), f"Added {html.escape(added.name)} ({len(added)} modules)."]
 
     def set_prompt(text: str) -> None:
-        if isinstance(bench.preview_fn, TextPreview):
+        if prompted:
             bench.preview_fn.prompt = text
 
     def on_export(method: str, *values: Any) -> str:
@@ -208,6 +213,8 @@ def build_app(bench: Workbench, *, diffusion: bool = False) -> Any:
             raise gr.Error(str(err)) from None
 
     initial = [1.0 / max(len(bench.adapters), 1)] * len(bench.adapters)
+    image_base = isinstance(bench.preview_fn, PipelinePreview)
+    prompted = image_base or isinstance(bench.preview_fn, TextPreview)
     with gr.Blocks(title="adaptermerge") as app:
         gr.Markdown("# adaptermerge\nMix LoRA adapters with sliders; negative weights subtract an adapter.")
         with gr.Row():
@@ -251,18 +258,20 @@ def build_app(bench: Workbench, *, diffusion: bool = False) -> Any:
                     export_button = gr.Button("Export merged adapter", elem_id="export")
                 exported = gr.File(label="merged adapter", elem_id="exported")
             with gr.Column(scale=1):
-                text_base = isinstance(bench.preview_fn, TextPreview)
                 prompt = gr.Textbox(
-                    bench.preview_fn.prompt if text_base else "", label="prompt", visible=text_base, elem_id="prompt"
+                    bench.preview_fn.prompt if prompted else "", label="prompt", visible=prompted, elem_id="prompt"
                 )
                 timing = gr.Markdown(elem_id="timing")
-                preview = gr.HTML(elem_id="preview")
+                preview = gr.HTML(visible=not image_base, elem_id="preview")
+                image = gr.Image(
+                    label="preview", format="png", type="numpy", visible=image_base, elem_id="preview-image"
+                )
                 heatmap = gr.HTML(elem_id="heatmap")
         if diffusion:
             _diffusion_section(gr)
 
         inputs = [method, *sliders, *widgets, advanced]
-        outputs = [preview, heatmap, timing]
+        outputs = [preview, image, heatmap, timing]
         preview_args = {"fn": on_preview, "inputs": inputs, "outputs": outputs, "api_visibility": "private"}
         gr.on(
             [s.release for s in sliders] + [w.input for w in widgets] + [advanced.blur, advanced.submit],
@@ -286,9 +295,13 @@ def launch(
     port: int | None = None,
     base: str | None = None,
     adapters_dir: str | Path | None = None,
+    steps: int = 20,
+    size: int | None = None,
     prevent_thread_lock: bool = False,
 ) -> Any:
     """Build the workbench and start the app; warns when `host` is not a loopback address.
+
+    `steps` and `size` (pixels; the pipeline's default when None) set the image preview of a diffusion `base`.
 
     Returns:
         `gradio.Blocks`: the running app (call `.close()` to stop it when `prevent_thread_lock` is set).
@@ -297,7 +310,7 @@ def launch(
 
     if host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("binding to %s: anyone who can reach this address can use the app and its files", host)
-    bench = make_workbench(base, adapters_dir)
+    bench = make_workbench(base, adapters_dir, steps=steps, size=size)
     app = build_app(bench, diffusion=base in (None, DEMO) and adapters_dir is None)
     app.launch(
         server_name=host,

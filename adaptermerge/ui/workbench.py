@@ -3,8 +3,9 @@
 Adapters are read once and every module materialised, so moving a slider only merges factors and re-runs the
 preview; nothing is read from disk or rebuilt. With no arguments the workbench is the demo: the digits suite's
 backbone and its eight task LoRAs (:func:`adaptermerge.quality.load_demo_suite`), previewed by each task's test
-accuracy; with `--base` a causal LM, previewed by generated text. Uploads are size-limited, refused when they are
-pickles, and validated like command-line input.
+accuracy; with `--base` a causal LM, previewed by generated text, or a diffusers pipeline, previewed by an image
+(:class:`~adaptermerge.ui.diffusion.PipelinePreview`, which re-weights linear merges in place). Uploads are
+size-limited, refused when they are pickles, and validated like command-line input.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import html
+import json
 import logging
 import shutil
 import tempfile
@@ -19,6 +21,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..adapter import Adapter, check_compatible, module_union
@@ -27,7 +30,8 @@ from ..io import load_adapter, save_adapter
 from ..library import find_adapters
 from ..lowrank import inner
 from ..merge import merge_adapters
-from ..weights import check_weights
+from ..weights import ModuleWeights, check_weights
+from .diffusion import PipelinePreview, is_pipeline, load_pipeline
 
 __all__ = [
     "DEMO",
@@ -45,6 +49,7 @@ logger = logging.getLogger(__name__)
 MAX_ADAPTERS = 16
 MAX_UPLOAD_BYTES = 256 * 2**20
 DEMO = "demo"
+DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
 
 
 class Workbench:
@@ -63,19 +68,18 @@ class Workbench:
         self,
         adapters: Sequence[Adapter],
         *,
-        preview: Callable[[Adapter | None], dict[str, float] | str] | None = None,
+        preview: Callable[[Adapter | None], dict[str, float] | str | np.ndarray] | None = None,
         reference: Mapping[str, float] | None = None,
         threads: int | None = None,
     ) -> None:
         self.adapters: list[Adapter] = []
-        self.gram = torch.zeros(0, 0, dtype=torch.float64)
+        self.modules: dict[str, int] = {}  # module name → index along the last axis of `module_gram`
+        self.module_gram = torch.zeros(0, 0, 0, dtype=torch.float64)
         self.preview_fn = preview
         self.threads = threads
-        self.base_scores = {}
-        if preview:
-            with self._threads():
-                self.base_scores = preview(None)
+        self.base_scores: dict[str, float] | None = None  # the base model's scores, on the first score preview
         self.reference = dict(reference or {})
+        self._folded: dict[tuple[int, str], Adapter] = {}
         for adapter in adapters:
             self.add(adapter)
 
@@ -98,16 +102,31 @@ class Workbench:
             check_compatible([*self.adapters, adapter], module_union([*self.adapters, adapter]))
         if adapter.name in self.names:
             adapter = dataclasses.replace(adapter, name=f"{adapter.name}_{len(self.adapters) + 1}")
-        row = torch.tensor(
-            [_adapter_inner(adapter, other) for other in [*self.adapters, adapter]], dtype=torch.float64
-        )
-        size = len(self.adapters)
-        gram = torch.zeros(size + 1, size + 1, dtype=torch.float64)
-        gram[:size, :size] = self.gram
-        gram[size, :], gram[:, size] = row, row
-        self.gram = gram
+        for module in adapter:
+            self.modules.setdefault(module, len(self.modules))
+        size, count = len(self.adapters), len(self.modules)
+        gram = torch.zeros(size + 1, size + 1, count, dtype=torch.float64)
+        gram[:size, :size, : self.module_gram.shape[2]] = self.module_gram
+        for index, other in enumerate([*self.adapters, adapter]):
+            row = _module_inners(adapter, other, self.modules)
+            gram[size, index], gram[index, size] = row, row
+        self.module_gram = gram
         self.adapters.append(adapter)
         return adapter
+
+    def resolve(self, adapter: Adapter, spec: Mapping[str, Any]) -> ModuleWeights:
+        """An advanced weight `spec` of `adapter` as a module → weight function, checked on each of its modules.
+
+        Raises:
+            InvalidParameterError: for a weight mapping that names no valid modules, blocks or preset.
+        """
+        try:
+            resolver = check_weights([spec], 1)[0]
+            for module in adapter:  # nested block values are checked when a module resolves
+                resolver(module)
+        except InvalidParameterError as err:
+            raise InvalidParameterError(f"advanced weights of {adapter.name!r}: {err}") from None
+        return resolver
 
     def merge(
         self,
@@ -134,12 +153,7 @@ class Workbench:
             if spec is None:
                 chosen.append((adapter, float(weight)))
                 continue
-            try:
-                resolve = check_weights([spec], 1)[0]
-                for module in adapter:  # nested block values are checked when a module resolves
-                    resolve(module)
-            except InvalidParameterError as err:
-                raise InvalidParameterError(f"advanced weights of {adapter.name!r}: {err}") from None
+            self.resolve(adapter, spec)
             scaled = adapter.with_modules({m: u.scale(float(weight)) for m, u in adapter.items()})
             chosen.append((scaled, spec))
         if not chosen:
@@ -147,6 +161,51 @@ class Workbench:
         adapters, chosen_weights = zip(*chosen)
         with self._threads():
             return merge_adapters(list(adapters), list(chosen_weights), method, **params)
+
+    def folded(self, specs: Mapping[str, Mapping[str, Any]] | None = None) -> list[Adapter]:
+        """Every adapter with its advanced weight folded into its factors (`w(m) ΔW_m`), in slider order.
+
+        The same objects come back while `specs` stay the same, so a live preview sees that nothing changed.
+
+        Raises:
+            InvalidParameterError: for a weight mapping that names no valid modules, blocks or preset.
+        """
+        kept, folded = {}, []
+        for adapter in self.adapters:
+            spec = (specs or {}).get(adapter.name)
+            if spec is None:
+                folded.append(adapter)
+                continue
+            key = (adapter.name, json.dumps(spec, sort_keys=True, default=str))
+            if key not in self._folded:
+                resolver = self.resolve(adapter, spec)
+                self._folded[key] = adapter.with_modules({m: u.scale(resolver(m)) for m, u in adapter.items()})
+            kept[key] = self._folded[key]
+            folded.append(kept[key])
+        self._folded = kept
+        return folded
+
+    def show(
+        self,
+        weights: Sequence[float],
+        method: str,
+        params: Mapping[str, Any],
+        specs: Mapping[str, Mapping[str, Any]] | None = None,
+    ) -> str | np.ndarray:
+        """The preview of a merge: HTML (see :meth:`preview`), or an image (`uint8`, `(H, W, 3)`) for a pipeline.
+
+        A `linear` merge without parameters on a :class:`PipelinePreview` is not computed here: the pipeline's
+        loaded merge is re-weighted in place. Everything else is merged by :meth:`merge`, then previewed.
+
+        Raises:
+            AdapterMergeError: for bad parameters or advanced weights, with a message for the page.
+        """
+        weights = [float(w) for w in weights[: len(self.adapters)]]
+        if isinstance(self.preview_fn, PipelinePreview) and method == "linear" and not params:
+            folded = self.folded(specs)
+            with self._threads():
+                return self.preview_fn.reweight(folded, weights)
+        return self.preview(self.merge(weights, method, params, specs))
 
     @contextlib.contextmanager
     def _threads(self) -> Iterator[None]:
@@ -158,8 +217,9 @@ class Workbench:
         finally:
             torch.set_num_threads(before)
 
-    def preview(self, merged: Adapter | None) -> str:
-        """The preview as HTML: per-task scores of base, own adapter and merge, with bars."""
+    def preview(self, merged: Adapter | None) -> str | np.ndarray:
+        """The preview of `merged`: per-task scores of base, own adapter and merge with bars, generated text or an
+        image, as the preview function gives; without one, the merged modules."""
         if self.preview_fn is None:
             if merged is None:
                 return "<p>All weights are zero: the base model.</p>"
@@ -167,6 +227,10 @@ class Workbench:
             return f"<table class='am-preview'><tr><th>module</th><th>merged</th></tr>{rows}</table>"
         with self._threads():
             scores = self.preview_fn(merged)
+            if isinstance(scores, dict) and self.base_scores is None:
+                self.base_scores = self.preview_fn(None)
+        if isinstance(scores, np.ndarray):
+            return scores
         if isinstance(scores, str):
             return f"<pre class='am-text'>{html.escape(scores)}</pre>"
         rows = []
@@ -185,34 +249,59 @@ class Workbench:
         head = "<tr><th>task</th><th>base</th><th>own adapter</th><th>merged</th><th></th></tr>"
         return f"<table class='am-preview'>{head}{''.join(rows)}</table><p class='am-summary'>{summary}</p>"
 
-    def heatmap(self, weights: Sequence[float]) -> str:
-        """Pairwise cosine of the weighted updates `w_i ΔW_i` of the adapters with nonzero weight, as HTML."""
+    def cosines(
+        self, weights: Sequence[float], specs: Mapping[str, Mapping[str, Any]] | None = None
+    ) -> tuple[list[int], torch.Tensor]:
+        """The adapters with nonzero weight and the pairwise cosines of their weighted updates, as the merge uses
+        them: module `m` of adapter `i` counts as `w_i · spec_i(m) · ΔW_i,m` (slider times advanced weight).
+
+        Returns:
+            `tuple`: the adapters' indices and the `(k, k)` float64 cosine matrix, from per-module inner products
+            computed once on the factors.
+        """
         index = [i for i, w in enumerate(weights[: len(self.adapters)]) if w]
+        scale = torch.zeros(len(index), len(self.modules), dtype=torch.float64)
+        for row, i in enumerate(index):
+            adapter = self.adapters[i]
+            spec = (specs or {}).get(adapter.name)
+            resolver = self.resolve(adapter, spec) if spec is not None else None
+            for module in adapter:
+                scale[row, self.modules[module]] = float(weights[i]) * (resolver(module) if resolver else 1.0)
+        gram = torch.einsum("im,jm,ijm->ij", scale, scale, self.module_gram[index][:, index])
+        norms = gram.diagonal().clamp_min(1e-30).sqrt()
+        return index, gram / torch.outer(norms, norms)
+
+    def heatmap(self, weights: Sequence[float], specs: Mapping[str, Mapping[str, Any]] | None = None) -> str:
+        """:meth:`cosines` of the adapters with nonzero weight as an HTML table."""
+        index, cosines = self.cosines(weights, specs)
         if len(index) < 2:
             return "<p>Give two or more adapters a nonzero weight to see how their updates overlap.</p>"
-        norms = self.gram.diagonal().clamp_min(1e-30).sqrt()
         cells = ["<tr><th></th>" + "".join(f"<th>{html.escape(self.names[j])}</th>" for j in index) + "</tr>"]
-        for i in index:
-            row = [f"<th>{html.escape(self.names[i])}</th>"]
-            for j in index:
-                sign = 1.0 if weights[i] * weights[j] > 0 else -1.0
-                cos = sign * float(self.gram[i, j] / (norms[i] * norms[j]))
+        for row, i in enumerate(index):
+            line = [f"<th>{html.escape(self.names[i])}</th>"]
+            for cos in cosines[row].tolist():
                 colour = f"rgba(220,40,40,{abs(cos):.2f})" if cos > 0 else f"rgba(40,90,220,{abs(cos):.2f})"
-                row.append(f"<td style='background:{colour}'>{cos:+.2f}</td>")
-            cells.append("<tr>" + "".join(row) + "</tr>")
-        note = "cosine of the weighted updates over all modules; red: aligned, blue: opposed"
+                line.append(f"<td style='background:{colour}'>{cos:+.2f}</td>")
+            cells.append("<tr>" + "".join(line) + "</tr>")
+        weighted = "sliders × advanced weights" if specs else "sliders"
+        note = f"cosine of the weighted updates ({weighted}) over all modules; red: aligned, blue: opposed"
         return f"<table class='am-heatmap'>{''.join(cells)}</table><p>{note}</p>"
 
 
-def _adapter_inner(x: Adapter, y: Adapter) -> float:
-    """⟨ΔW_x, ΔW_y⟩ summed over the modules both adapters hold, computed on the factors."""
-    return sum(float(inner(x[m].to(torch.float64), y[m].to(torch.float64))) for m in x if m in y)
+def _module_inners(x: Adapter, y: Adapter, modules: Mapping[str, int]) -> torch.Tensor:
+    """⟨ΔW_x, ΔW_y⟩ per module (zero where either lacks it) at `modules[name]`, computed on the factors."""
+    row = torch.zeros(len(modules), dtype=torch.float64)
+    for module in x:
+        if module in y:
+            row[modules[module]] = float(inner(x[module].to(torch.float64), y[module].to(torch.float64)))
+    return row
 
 
 def _read_folder(folder: Path) -> list[Adapter]:
     adapters = []
     for path in find_adapters(folder)[:MAX_ADAPTERS]:
-        adapters.append(load_adapter(path))
+        # diffusers' save_lora_weights names every file alike: call such an adapter by its folder
+        adapters.append(load_adapter(path, name=path.parent.name if path.name == DIFFUSERS_FILE else None))
     if not adapters:
         raise AdapterMergeError(f"no adapters (PEFT folders or .safetensors files) found under {folder}")
     return adapters
@@ -228,18 +317,31 @@ def demo_workbench() -> Workbench:
     return Workbench(adapters, preview=suite.evaluate, reference=reference, threads=1)
 
 
-def make_workbench(base: str | None = None, adapters_dir: str | Path | None = None) -> Workbench:
+def make_workbench(
+    base: str | None = None, adapters_dir: str | Path | None = None, *, steps: int = 20, size: int | None = None
+) -> Workbench:
     """The workbench for the command line's `--base` and `--adapters` (the demo when both are absent).
 
+    `steps` and `size` set a diffusion base's preview: denoising steps and image side in pixels (the pipeline's
+    default when None).
+
     Raises:
-        AdapterMergeError: for an adapter folder with no readable adapter, or a base the app cannot preview.
+        AdapterMergeError: for an adapter folder with no readable adapter, a base the app cannot preview, or
+            adapters whose modules the base lacks.
     """
     if base in (None, DEMO) and adapters_dir is None:
         return demo_workbench()
     if adapters_dir is None:
         raise AdapterMergeError(f"--base {base} needs --adapters DIR: the folder of adapters trained on it")
     adapters = _read_folder(Path(adapters_dir))
-    return Workbench(adapters, preview=TextPreview(base) if base not in (None, DEMO) else None)
+    if base in (None, DEMO):
+        return Workbench(adapters)
+    if not is_pipeline(base):
+        return Workbench(adapters, preview=TextPreview(base))
+    preview = PipelinePreview(load_pipeline(base), steps=steps, size=size, prompt="a photo of a cat")
+    bench = Workbench(adapters, preview=preview)
+    preview.load(bench.adapters)  # checks every module against the pipeline now, not at the first slider move
+    return bench
 
 
 class TextPreview:

@@ -1,0 +1,148 @@
+"""`adaptermerge ui --base PIPELINE --adapters DIR`: a user's diffusers pipeline previewed by images, driven through
+gradio_client on a tiny SD pipeline saved with `save_pretrained` and LoRA files in kohya and diffusers formats."""
+
+import re
+import socket
+import time
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+pytest.importorskip("gradio")
+pytest.importorskip("diffusers")
+from gradio_client import Client  # noqa: E402
+from gradio_client.exceptions import AppError  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from adaptermerge import save_adapter  # noqa: E402
+from adaptermerge.cli import main  # noqa: E402
+from adaptermerge.ui import MAX_ADAPTERS, launch  # noqa: E402
+from adaptermerge.ui.diffusion import is_pipeline, random_pipeline_loras, tiny_sd_pipeline  # noqa: E402
+from tests.factories import make_adapter  # noqa: E402
+from tests.tiny_models import save_random_pipeline_lora  # noqa: E402
+
+PROMPT, STEPS, SIZE = "a photo of a cat", 3, 32
+NO_PARAMS = [0.2, 0.2, 2.0, 0, None, "total", True, True]  # every method parameter's box, ignored by linear
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """A saved tiny SD pipeline, and an adapters folder: `smudge` written by diffusers' own `save_lora_weights`
+    (UNet and text encoder), `sparkle` a kohya file of ours (UNet attention)."""
+    root = tmp_path_factory.mktemp("diffusion-ui")
+    pipe = tiny_sd_pipeline(seed=0)
+    pipe.save_pretrained(root / "base")
+    save_random_pipeline_lora(pipe, root / "adapters" / "smudge", seed=1, rank=2)
+    sparkle = random_pipeline_loras(pipe, ["sparkle"])[0]
+    save_adapter(sparkle, root / "adapters" / "sparkle" / "sparkle.safetensors", format="kohya")
+    return root
+
+
+@pytest.fixture(scope="module")
+def client(folders):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    app = launch(
+        port=port,
+        base=str(folders / "base"),
+        adapters_dir=folders / "adapters",
+        steps=STEPS,
+        size=SIZE,
+        prevent_thread_lock=True,
+    )
+    try:
+        yield Client(f"http://127.0.0.1:{port}/", verbose=False)
+    finally:
+        app.close()
+
+
+def show(client, smudge=0.0, sparkle=0.0, method="linear", advanced=""):
+    """The served preview for the slider weights (adapters sorted by path: smudge, then sparkle)."""
+    weights = [smudge, sparkle] + [0.0] * (MAX_ADAPTERS - 2)
+    html, path, heatmap, timing = client.predict(method, *weights, *NO_PARAMS, advanced, api_name="/preview")
+    assert html == "" and path is not None
+    return np.asarray(Image.open(path).convert("RGB")).astype(int), float(re.search(r"(\d+) ms", timing).group(1))
+
+
+def host_render(folders, weights):
+    """The image diffusers itself gives: each LoRA loaded with `load_lora_weights`, weighted by `set_adapters`."""
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(str(folders / "base"))
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(str(folders / "adapters" / "smudge"), adapter_name="smudge")
+    pipe.load_lora_weights(str(folders / "adapters" / "sparkle" / "sparkle.safetensors"), adapter_name="sparkle")
+    pipe.set_adapters(["smudge", "sparkle"], weights)
+    with torch.no_grad():
+        image = pipe(
+            PROMPT,
+            num_inference_steps=STEPS,
+            height=SIZE,
+            width=SIZE,
+            generator=torch.Generator().manual_seed(0),
+            output_type="np",
+        ).images[0]
+    return (np.clip(image, 0.0, 1.0) * 255).round().astype(int)
+
+
+def test_pipeline_folders_are_told_from_other_bases(folders, tmp_path):
+    assert is_pipeline(str(folders / "base"))
+    assert not is_pipeline(str(folders / "adapters")) and not is_pipeline(str(tmp_path))
+    assert not is_pipeline("not a valid/hub id/at all")
+
+
+def test_linear_sliders_reweight_the_loaded_pipeline_as_diffusers_does(client, folders, monkeypatch):
+    base, _ = show(client)
+    import adaptermerge.ui.diffusion as diffusion
+
+    monkeypatch.setattr(diffusion, "load_pipeline", lambda *_, **__: pytest.fail("pipeline rebuilt"))
+    monkeypatch.setattr("adaptermerge.load_merged_adapters", lambda *_, **__: pytest.fail("adapters reloaded"))
+    monkeypatch.setattr("adaptermerge.ui.workbench.load_adapter", lambda *_, **__: pytest.fail("file re-read"))
+    started = time.perf_counter()
+    mixed, server_ms = show(client, smudge=1.0, sparkle=-0.5)
+    round_trip = time.perf_counter() - started
+    assert base.shape == (SIZE, SIZE, 3)
+    assert np.abs(mixed - base).mean() > 2  # the LoRAs change the image
+    assert np.array_equal(show(client)[0], base)  # re-weighted in place: zero weights give the base back
+    monkeypatch.undo()
+    expected = host_render(folders, [1.0, -0.5])
+    assert np.abs(mixed - expected).max() <= 2, "the merge's image differs from diffusers' set_adapters"
+    print(f"diffusion base, slider → image: {server_ms:.0f} ms in the server, {1000 * round_trip:.0f} ms round trip")
+    assert server_ms < 2000
+
+
+def test_other_methods_load_their_merge_and_linear_comes_back(client):
+    linear, _ = show(client, smudge=1.0, sparkle=1.0)
+    ties, _ = show(client, smudge=1.0, sparkle=1.0, method="ties")
+    assert np.abs(ties - linear).mean() > 0.5
+    assert np.array_equal(show(client, smudge=1.0, sparkle=1.0)[0], linear)
+
+
+def test_advanced_weights_reach_the_pipeline_times_the_slider(client, folders):
+    plain, _ = show(client, sparkle=1.0)
+    no_up, _ = show(client, sparkle=1.0, advanced='sparkle: {"unet": {"up": 0.0}}')
+    assert np.abs(no_up - plain).mean() > 0.5
+    expected = host_render(folders, [0.0, {"unet": {"up": 0.0}}])
+    assert np.abs(no_up - expected).max() <= 2
+    with pytest.raises(AppError, match="unknown UNet keys"):
+        show(client, sparkle=1.0, advanced='sparkle: {"unet": {"left": 0.0}}')
+
+
+def test_prompt_box_changes_the_image(client):
+    before, _ = show(client, smudge=0.5)
+    client.predict("the cat", api_name="/set_prompt")
+    try:
+        after, _ = show(client, smudge=0.5)
+    finally:
+        client.predict(PROMPT, api_name="/set_prompt")
+    assert not np.array_equal(before, after)
+
+
+def test_adapters_for_another_model_are_refused_before_serving(folders, tmp_path):
+    save_adapter(make_adapter({"fc1": (8, 4)}, rank=2, seed=0), tmp_path / "mlp", format="peft")
+    result = CliRunner().invoke(main, ["ui", "--base", str(folders / "base"), "--adapters", str(tmp_path)])
+    assert result.exit_code == 2, result.output
+    assert "'fc1'" in result.output and "does not exist in StableDiffusionPipeline" in result.output
