@@ -114,6 +114,40 @@ def test_heatmap_cosine_matches_the_dense_updates(client):
     assert shown == pytest.approx(float(torch.nn.functional.cosine_similarity(*dense, dim=0)), abs=0.006)
 
 
+def test_heatmap_weighs_modules_by_the_advanced_weights(client):
+    advanced = 'digit: {"fc1": 0.0, "fc2": 3.0}\nparity: {"fc3": -1.0}'
+    _, plain, _ = preview(client, digit=1.0, parity=0.5)
+    *_, heatmap, _ = client.predict("linear", *weights(digit=1.0, parity=0.5), *PARAMS, advanced, api_name="/preview")
+    shown = float(re.findall(r"<td[^>]*>([+-][\d.]+)</td>", heatmap)[1])
+    from adaptermerge.quality import load_demo_suite
+
+    digit, parity = (load_demo_suite().adapters()[i] for i in (0, 1))
+    module_weights = [{"fc1": 0.0, "fc2": 3.0, "fc3": 1.0}, {"fc1": 0.5, "fc2": 0.5, "fc3": -0.5}]
+    dense = [
+        torch.cat([w[m] * a[m].to_dense().flatten() for m in sorted(a)])
+        for a, w in zip((digit, parity), module_weights)
+    ]
+    expected = float(torch.nn.functional.cosine_similarity(*dense, dim=0))
+    assert shown == pytest.approx(expected, abs=0.006) and "advanced weights" in heatmap
+    assert abs(shown - float(re.findall(r"<td[^>]*>([+-][\d.]+)</td>", plain)[1])) > 0.02
+
+
+def test_heatmap_follows_diffusers_block_weights():
+    from adaptermerge.ui import Workbench
+
+    shapes = {f"unet.{side}_blocks.0.attentions.0.proj": (8, 8) for side in ("down", "up")}
+    first, second = make_adapter(shapes, rank=2, seed=1, name="a"), make_adapter(shapes, rank=2, seed=2, name="b")
+    bench = Workbench([first, second])
+    _, cosines = bench.cosines([2.0, -1.0], {"a": {"unet": {"down": 0.0}}})
+    module_weights = [{"down": 0.0, "up": 2.0}, {"down": -1.0, "up": -1.0}]  # slider × block weight
+    dense = [
+        torch.cat([w[m.split(".")[1].split("_")[0]] * a[m].to_dense().flatten() for m in sorted(a)])
+        for a, w in zip((first, second), module_weights)
+    ]
+    expected = float(torch.nn.functional.cosine_similarity(*dense, dim=0))
+    torch.testing.assert_close(cosines, torch.tensor([[1.0, expected], [expected, 1.0]], dtype=torch.float64))
+
+
 def test_method_dropdown_shows_only_that_methods_parameters(client):
     names = ["density", "att_ratio", "fuse_weight", "seed", "rank", "majority_sign_method", "param_reweighting"]
     for method, expected in [("ties", {"density", "majority_sign_method", "rank"}), ("linear", set())]:
