@@ -178,28 +178,39 @@ def concat(lowranks: Sequence[LowRank], weights: Sequence[float] | None = None) 
 def range_basis(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`(X, R)`: `matrix @ X` has orthonormal columns spanning `matrix`'s columns, and `matrix = (matrix @ X) @ R`.
 
-    For a tall `m × k` factor stack. It comes from the eigendecomposition of the small Gram `matrixᵀ matrix` in
-    float64, so the only pass over the tall side is one matrix product: several times faster than a Householder QR
-    or SVD of it, which is what makes whole-model merges fast. `matrix @ X` is `U` of the thin SVD
-    `matrix = U S Vᵀ` (columns by decreasing singular value), `X = V S⁻¹` and `R = S Vᵀ`. Each column of `V` has its
-    largest-magnitude entry positive, so the basis is reproducible.
+    For a tall `m × k` factor stack. The only pass over the tall side is one float64 product, the Gram
+    `matrixᵀ matrix`; the rest is `k × k` work. That is several times faster than a Householder QR or SVD of the
+    stack, and it is what makes whole-model merges fast. The Gram's columns are equilibrated (scaled to unit
+    diagonal) before its eigendecomposition, so factors of very different scales, such as adapters trained with
+    different learning rates, keep full accuracy. A final `k × k` SVD turns the basis into the left singular vectors
+    of `matrix`: `matrix @ X = U` of its thin SVD `U S Vᵀ` (columns by decreasing singular value), `R = S Vᵀ`, and each
+    column of `V` has its largest-magnitude entry positive, so the basis is reproducible.
 
-    Directions whose singular value is below `sqrt(16 k eps) · σ_max` (about 3e-7 · σ_max at `k = 64`, under
-    float32 resolution) are dropped as numerically zero; at least one is kept (a zero column for a zero matrix).
+    Directions whose singular value, after equilibration, is below `sqrt(16 k eps)` of the largest (about 3e-7 at
+    `k = 64`, under float32 resolution) are dropped as numerically zero; at least one is kept (a zero column for a
+    zero matrix).
 
     Returns:
         `(X, R)` of shapes `(k, ρ)` and `(ρ, k)`, float64, `ρ` the numerical rank.
     """
     matrix = matrix.to(COMPUTE_DTYPE)
-    eigenvalues, V = torch.linalg.eigh(matrix.T @ matrix)
+    gram = matrix.T @ matrix
+    norms = gram.diagonal().sqrt()
+    norms = torch.where(norms > 0, norms, 1.0)
+    eigenvalues, V = torch.linalg.eigh(gram / norms[:, None] / norms[None, :])
     eigenvalues, V = eigenvalues.flip(0), V.flip(1)
     threshold = eigenvalues[0] * 16 * eigenvalues.numel() * torch.finfo(COMPUTE_DTYPE).eps
     keep = max(int((eigenvalues > threshold).sum()), 1)
+    root = eigenvalues[:keep].clamp_min(0).sqrt()
     V = V[:, :keep]
-    signs = torch.sign(V[V.abs().argmax(dim=0), torch.arange(keep)])
-    V = V * torch.where(signs == 0, 1.0, signs)
-    S = eigenvalues[:keep].clamp_min(0).sqrt()
-    return V / torch.where(S > 0, S, 1.0), S[:, None] * V.T
+    # `matrix @ X_Q` is an orthonormal basis and `matrix = (matrix @ X_Q) @ R_Q`; the SVD of the small `R_Q` rotates
+    # it onto the singular vectors.
+    X_Q = V / torch.where(root > 0, root, 1.0) / norms[:, None]
+    R_Q = root[:, None] * V.T * norms[None, :]
+    P, S, Vh = torch.linalg.svd(R_Q, full_matrices=False)
+    signs = torch.sign(Vh[torch.arange(keep), Vh.abs().argmax(dim=1)])
+    signs = torch.where(signs == 0, 1.0, signs)
+    return X_Q @ (P * signs), (S * signs)[:, None] * Vh
 
 
 def _svd_transforms(lowrank: LowRank) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -194,6 +194,19 @@ def test_core_space_task_arithmetic_equals_plain_sum():
     assert merged.rank <= 22
 
 
+def test_core_space_keeps_updates_of_very_different_scales_exact():
+    """Adapters a million times apart in scale (different learning rates or alphas) are all held exactly."""
+    updates = [LowRank(u.A, u.B * scale) for u, scale in zip(updates_of(60, 45, [5, 3, 4], seed=8), [1.0, 1e-4, 1e-9])]
+    space, cores = align(updates)
+    for update, core in zip(updates, cores):
+        dense = update.to_dense().numpy()
+        assert_close((space.U_B @ core @ space.U_A.T).numpy() / np.abs(dense).max(), dense / np.abs(dense).max())
+    weights = [1.0, 1e4, 1e9]
+    plain = sum(w * u.to_dense() for w, u in zip(weights, updates)).numpy()
+    merged = space.to_lowrank(sum(w * c for w, c in zip(weights, cores))).to_dense().numpy()
+    assert_close(merged, plain)
+
+
 def test_core_space_sum_is_independent_of_the_basis():
     """QR bases instead of the SVD ones give the same task-arithmetic update."""
     updates = updates_of(20, 15, [3, 3], seed=5)
