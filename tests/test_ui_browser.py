@@ -1,10 +1,12 @@
 """End to end in headless Chromium (Debian's `chromium`, driven by playwright): a slider moves, the preview follows."""
 
+import io
 import shutil
 import socket
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -56,3 +58,38 @@ def test_choosing_a_method_shows_its_parameters_only(page):
     assert page.locator("#param-majority_sign_method").is_visible()
     assert not page.locator("#param-fuse_weight").is_visible()
     page.wait_for_function("() => document.querySelector('#preview').innerText.includes('merged')")
+
+
+def shown_image(page, selector):
+    """The pixels of the image `selector` shows, fetched from the server as the browser does."""
+    from PIL import Image
+
+    source = page.locator(f"{selector} img").evaluate("img => img.src")
+    return source, np.asarray(Image.open(io.BytesIO(page.request.get(source).body())).convert("RGB")).astype(int)
+
+
+def test_diffusion_section_renders_a_new_image_when_a_slider_moves(page, tmp_path):
+    page.get_by_text("diffusion: a tiny Stable Diffusion pipeline").click()  # opening it builds the pipeline
+    page.locator("#diffusion-image img").wait_for(state="visible", timeout=60_000)
+    before_source, before = shown_image(page, "#diffusion-image")
+    slider = page.locator("#diffusion-weight-0 input[type=range]")
+    slider.scroll_into_view_if_needed()  # a mouse click lands only inside the viewport
+    track = slider.bounding_box()
+    started = time.perf_counter()
+    page.mouse.click(track["x"] + 0.9 * track["width"], track["y"] + track["height"] / 2)
+    page.wait_for_function(
+        "old => { const img = document.querySelector('#diffusion-image img'); return img && img.src !== old; }",
+        arg=before_source,
+        timeout=10_000,
+    )
+    elapsed = time.perf_counter() - started
+    after_source, after = shown_image(page, "#diffusion-image")
+    assert float(page.input_value("#diffusion-weight-0 input[type=number]")) > 1.0
+    assert after_source != before_source and before.shape == after.shape == (256, 256, 3)
+    assert np.abs(after - before).mean() > 5  # the merged LoRA changes the picture, not just its URL
+    screenshot = tmp_path / "ui-diffusion-after-slider.png"
+    page.screenshot(path=str(screenshot), full_page=True)
+    timing = page.inner_text("#diffusion-timing")
+    print(f"diffusion slider click → new image in the browser: {1000 * elapsed:.0f} ms ({timing}); {screenshot}")
+    assert screenshot.stat().st_size > 10_000
+    assert elapsed < 3.0

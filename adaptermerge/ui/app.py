@@ -114,7 +114,8 @@ def _diffusion_section(gr: Any) -> None:
         # nearest-neighbour ×8 so the 32-pixel image is visible
         return image.repeat(8, axis=0).repeat(8, axis=1), f"re-weight + render: {1000 * elapsed:.0f} ms"
 
-    with gr.Accordion("diffusion: a tiny Stable Diffusion pipeline with three LoRAs", open=False) as section:
+    title = "diffusion: a tiny Stable Diffusion pipeline with three LoRAs"
+    with gr.Accordion(title, open=False, elem_id="diffusion-section") as section:
         gr.Markdown(
             "A toy pipeline with random weights, built in memory: the image changes with the weights, it is not "
             "meant to look like anything. Weights re-weight one loaded linear merge in place."
