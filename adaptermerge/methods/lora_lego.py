@@ -93,6 +93,11 @@ def cluster_units(features: torch.Tensor, k: int, *, seed: int) -> torch.Tensor:
         return torch.arange(n)
     from sklearn.cluster import KMeans
 
+    if features.shape[1] > n:
+        # k-means sees only distances, and N points span at most N dimensions: their coordinates in that span (the
+        # Gram's eigenvectors times root eigenvalues) have the same distances, so the cost no longer grows with width.
+        eigenvalues, vectors = torch.linalg.eigh(features @ features.T)
+        features = vectors * eigenvalues.clamp_min(0).sqrt()
     kmeans = KMeans(n_clusters=k, n_init=_N_INIT, random_state=seed).fit(features.numpy())
     return torch.from_numpy(kmeans.labels_).long()
 
