@@ -92,3 +92,20 @@ def test_project_keeps_updates_already_in_the_row_space_and_never_grows_them():
     projected = osrm.project(other, task="t0")["0"]
     assert projected.to_dense().norm() <= other["0"].to_dense().norm() + 1e-6
     torch.testing.assert_close(projected.A, A_i)
+
+
+@pytest.mark.parametrize("statistic", ["mean", "covariance"])
+def test_free_directions_are_chosen_where_the_task_has_inputs_so_the_lora_can_train(statistic):
+    # 16 inputs: task a uses 0-3, task b uses 4-7, nobody uses 8-15. Every 2 rows outside 4-7 minimise the
+    # paper's objective for task a; rows on the unused inputs would give A h_a = 0 and no gradient at B = 0.
+    g = torch.Generator().manual_seed(0)
+    tasks = {name: torch.zeros(50, 16) for name in ("a", "b")}
+    tasks["a"][:, 0:4] = torch.rand(50, 4, generator=g)
+    tasks["b"][:, 4:8] = torch.rand(50, 4, generator=g)
+    model = nn.Sequential(nn.Linear(16, 8))
+    osrm = OSRM(statistic, target_modules=["0"]).fit(model, {k: [v] for k, v in tasks.items()})
+    A = osrm.basis("0", 2, task="a")
+    torch.testing.assert_close(A @ A.T, torch.eye(2, dtype=torch.float64), atol=1e-10, rtol=0)
+    assert (A @ tasks["b"].double().mean(0)).abs().max() < 1e-10
+    reads = (A @ tasks["a"].double().T).norm(dim=1)  # a mean ranks one direction, a covariance all of them
+    assert reads[0] > 1.0 if statistic == "mean" else reads.min() > 1.0 and A[:, 4:].abs().max() < 1e-10

@@ -1,9 +1,10 @@
-"""Measured on digits (benchmarks/bench_training.py): do OSRM / orthogonal adaptation interfere less when summed?
+"""Measured on digits (benchmarks/bench_training.py, setting `disjoint`): do OSRM / orthogonal adaptation interfere
+less when summed than plainly trained LoRAs?
 
-The experiment is the benchmark's, at one seed and fewer steps. What holds on this setup is asserted; the hoped-for
-direction (less cross-task output change and higher merged accuracy than plain training) did NOT hold in the
-measurements taken for issue 6 (see the benchmark table in the issue note), so that check is an expected failure
-that records the numbers rather than a tuned setup that would pass.
+Three tasks draw the digits in three corners of a 16×16 canvas (disjoint pixels), one LoRA per task on `fc1` of an
+MLP pre-trained on the fourth corner, all methods with the same steps and learning rate, merged by a plain sum. Two
+seeds, fewer steps than the benchmark. What the measurements support is asserted; where a method did not beat plain
+training across seeds, the check is a non-strict expected failure whose reason gives the measured cause.
 """
 
 import warnings
@@ -14,6 +15,8 @@ import torch
 from adaptermerge import AdapterMergeWarning
 from benchmarks.bench_training import run
 
+SEEDS = (0, 1)
+
 
 @pytest.fixture(scope="module")
 def results():
@@ -22,21 +25,51 @@ def results():
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", AdapterMergeWarning)
-            return run([0], steps=150)
+            return run(SEEDS, setting="disjoint", steps=150)
     finally:
         torch.set_num_threads(threads)
 
 
 def test_every_method_trains_adapters_that_solve_their_task(results):
     for method, metrics in results.items():
-        assert metrics["individual"][0] > metrics["base"][0] + 0.3, method
+        for seed, (alone, base) in enumerate(zip(metrics["individual"], metrics["base"])):
+            assert alone > base + 0.5, (method, seed)
+
+
+def test_osrm_covariance_adapters_merge_without_crosstalk_and_beat_plain_training(results):
+    plain, osrm = results["plain"], results["osrm-covariance"]
+    for seed in range(len(SEEDS)):
+        # lora_A starts orthogonal to the other corners' pixels and their gradient never reaches those pixels,
+        # so the summed update changes no other task's output: the merge keeps each adapter's own accuracy
+        assert osrm["interference"][seed] < 1e-3, seed
+        assert osrm["merged"][seed] == pytest.approx(osrm["individual"][seed], abs=1e-6)
+        # plain LoRAs keep their random initial lora_A on the other corners (measured 0.13-0.25 over 8 seeds)
+        assert plain["interference"][seed] > 0.05, seed
+        assert osrm["merged"][seed] > plain["merged"][seed] + 0.01, seed
 
 
 @pytest.mark.xfail(
-    reason="measured: OSRM/orthogonal did not reduce interference on the digits canvas tasks", strict=False
+    reason="measured over 8 seeds: OSRM with the mean statistic lowers the crosstalk only a little (0.12 vs 0.15 "
+    "for plain, not in every seed) and does not raise merged accuracy; each lora_A is orthogonal to the other tasks' "
+    "mean images only, while their digits vary around the mean over most pixels",
+    strict=False,
 )
-def test_osrm_and_orthogonal_interfere_less_than_plain_training(results):
-    plain = results["plain"]
-    for method in ("osrm-mean", "osrm-covariance", "orthogonal"):
-        assert results[method]["interference"][0] < 0.9 * plain["interference"][0], method
-        assert results[method]["merged"][0] > plain["merged"][0] + 0.02, method
+def test_osrm_mean_interferes_less_than_plain_training(results):
+    plain, osrm = results["plain"], results["osrm-mean"]
+    for seed in range(len(SEEDS)):
+        assert osrm["interference"][seed] < 0.9 * plain["interference"][seed], seed
+        assert osrm["merged"][seed] > plain["merged"][seed] + 0.01, seed
+
+
+@pytest.mark.xfail(
+    reason="measured over 8 seeds: orthogonal adaptation interferes MORE than plain training (cross-task change "
+    "1.2-1.6 against 0.13-0.25, merged accuracy 0.18-0.31 against 0.78-0.87). Its guarantee covers inputs inside a "
+    "concept's own basis block; the frozen random lora_A reads every pixel, so another task's input passes each "
+    "adapter about as strongly as its own and the change is about sqrt(T - 1) times the own change",
+    strict=False,
+)
+def test_orthogonal_adaptation_interferes_less_than_plain_training(results):
+    plain, orthogonal = results["plain"], results["orthogonal"]
+    for seed in range(len(SEEDS)):
+        assert orthogonal["interference"][seed] < 0.9 * plain["interference"][seed], seed
+        assert orthogonal["merged"][seed] > plain["merged"][seed] + 0.01, seed

@@ -210,6 +210,13 @@ class OSRM:
             task (`str`, *optional*): the task being trained; its own statistics are left out. A task that was
                 not fitted uses every fitted task's statistics.
 
+        When the other tasks' statistics leave more than `rank` directions free (their null space, eigenvalues below
+        `RANK_RTOL` of the largest), the paper's objective `min ‖A H_{¬i}‖` does not pick one basis: every `rank`
+        rows of the null space reach zero. An arbitrary pick can fall on inputs no task uses (constant pixels, dead
+        units), where `A h_i = 0` too, so with `B = 0` neither factor gets a gradient and the LoRA never trains.
+        When `task` has statistics, the tie is broken towards the task's own input energy: the rows are the
+        null-space directions that carry most of `task`'s statistic (still minimisers of the paper's objective).
+
         Returns:
             `torch.Tensor` of shape `(rank, in)`, float64, sign-fixed (largest-|entry| of each row positive).
 
@@ -241,7 +248,15 @@ class OSRM:
                 AdapterMergeWarning,
                 stacklevel=2,
             )
-        return vectors[:, n - rank :].flip(1).T.contiguous()
+        rows = vectors[:, n - rank :].flip(1)
+        own = self.statistics_.get(task, {}).get(module)
+        if own is not None and n - used > 0:
+            free = vectors[:, used:]
+            own = torch.outer(own, own) if self.statistic == "mean" else own
+            preferred, _ = _eigh_descending(free.T @ own @ free)
+            k = min(rank, n - used)
+            rows = _fix_signs(torch.cat([free @ preferred[:, :k], vectors[:, used - (rank - k) : used].flip(1)], 1))
+        return rows.T.contiguous()
 
     def init_lora(self, peft_model: nn.Module, *, task: str | None = None, adapter_name: str = "default") -> list[str]:
         """Write the OSRM `lora_A` (orthonormal rows) and `lora_B = 0` into every LoRA layer of one adapter.
@@ -334,9 +349,12 @@ def _eigh_descending(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     Each vector's largest-magnitude entry is made positive so the basis is reproducible.
     """
     values, vectors = torch.linalg.eigh(gram)
-    values, vectors = values.flip(0).clamp_min(0), vectors.flip(1)
-    signs = torch.sign(vectors[vectors.abs().argmax(dim=0), torch.arange(vectors.shape[1])])
-    return vectors * torch.where(signs == 0, 1.0, signs), values
+    return _fix_signs(vectors.flip(1)), values.flip(0).clamp_min(0)
+
+
+def _fix_signs(columns: torch.Tensor) -> torch.Tensor:
+    signs = torch.sign(columns[columns.abs().argmax(dim=0), torch.arange(columns.shape[1])])
+    return columns * torch.where(signs == 0, 1.0, signs)
 
 
 def _adapter_names(model: nn.Module) -> list[str]:
