@@ -6,7 +6,7 @@ their whole updates over the modules both adapt,
 
     cos(i, j) = Σ_m <ΔW_i^m, ΔW_j^m> / sqrt(Σ_m ‖ΔW_i^m‖² · Σ_m ‖ΔW_j^m‖²)     (m over the shared modules)
 
-with every inner product and norm taken on the factors (:func:`adaptermerge.lowrank.inner`), never on a dense
+with every inner product and norm taken on the factors (:func:`adaptermerge.lowrank.gram`), never on a dense
 update. Pairs with cosine near 1 are near-duplicates (merging them adds little); strongly negative pairs pull
 the same weights in opposite directions and interfere when summed; near 0 they are independent, which is where
 merges work best. Pairs are computed in tiles, each tile reading one module of its adapters at a time, on the
@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,7 +33,7 @@ from .batch import Backend, map_tasks
 from .io import load_adapter
 from .io._source import PICKLE_SUFFIXES
 from .io.peft import CONFIG_NAME
-from .lowrank import inner, norm
+from .lowrank import gram
 
 __all__ = ["LibraryEntry", "LibraryIndex", "SimilarityResult", "adapter_similarity", "find_adapters", "scan_library"]
 
@@ -158,16 +159,21 @@ def _similarity_tile(tile: _Tile) -> list[tuple[int, int, float, float, float, i
     pairs = [(i, j) for i in tile.rows for j in tile.cols if i < j]
     sums = {pair: [0.0, 0.0, 0.0, 0] for pair in pairs}
     for module in module_union(list(adapters.values())):
-        have = {k: module_shape(a, module) for k, a in adapters.items() if module in a}
-        updates = {k: adapters[k][module] for k in have}
-        squared = {k: float(norm(u)) ** 2 for k, u in updates.items()}
-        for i, j in pairs:
-            if i in have and j in have and have[i] == have[j]:
-                acc = sums[(i, j)]
-                acc[0] += float(inner(updates[i], updates[j]))
-                acc[1] += squared[i]
-                acc[2] += squared[j]
-                acc[3] += 1
+        by_shape = defaultdict(list)
+        for k, a in adapters.items():
+            if module in a:
+                by_shape[module_shape(a, module)].append(k)
+        for members in by_shape.values():
+            G = gram([adapters[k][module] for k in members]).tolist()
+            position = {k: p for p, k in enumerate(members)}
+            for i, j in pairs:
+                if i in position and j in position:
+                    p, q = position[i], position[j]
+                    acc = sums[(i, j)]
+                    acc[0] += G[p][q]
+                    acc[1] += G[p][p]
+                    acc[2] += G[q][q]
+                    acc[3] += 1
     return [(i, j, *acc) for (i, j), acc in sums.items()]
 
 
