@@ -67,7 +67,8 @@ def show(client, smudge=0.0, sparkle=0.0, method="linear", advanced=""):
     return np.asarray(Image.open(path).convert("RGB")).astype(int), float(re.search(r"(\d+) ms", timing).group(1))
 
 
-def host_render(folders, weights):
+@pytest.fixture(scope="module")
+def host_render(folders):
     """The image diffusers itself gives: each LoRA loaded with `load_lora_weights`, weighted by `set_adapters`."""
     from diffusers import DiffusionPipeline
 
@@ -75,17 +76,15 @@ def host_render(folders, weights):
     pipe.set_progress_bar_config(disable=True)
     pipe.load_lora_weights(str(folders / "adapters" / "smudge"), adapter_name="smudge")
     pipe.load_lora_weights(str(folders / "adapters" / "sparkle" / "sparkle.safetensors"), adapter_name="sparkle")
-    pipe.set_adapters(["smudge", "sparkle"], weights)
-    with torch.no_grad():
-        image = pipe(
-            PROMPT,
-            num_inference_steps=STEPS,
-            height=SIZE,
-            width=SIZE,
-            generator=torch.Generator().manual_seed(0),
-            output_type="np",
-        ).images[0]
-    return (np.clip(image, 0.0, 1.0) * 255).round().astype(int)
+
+    @torch.no_grad()
+    def render(weights):
+        pipe.set_adapters(["smudge", "sparkle"], weights)
+        generator = torch.Generator().manual_seed(0)
+        image = pipe(PROMPT, num_inference_steps=STEPS, height=SIZE, width=SIZE, generator=generator, output_type="np")
+        return (np.clip(image.images[0], 0.0, 1.0) * 255).round().astype(int)
+
+    return render
 
 
 def test_pipeline_folders_are_told_from_other_bases(folders, tmp_path):
@@ -94,7 +93,7 @@ def test_pipeline_folders_are_told_from_other_bases(folders, tmp_path):
     assert not is_pipeline("not a valid/hub id/at all")
 
 
-def test_linear_sliders_reweight_the_loaded_pipeline_as_diffusers_does(client, folders, monkeypatch):
+def test_linear_sliders_reweight_the_loaded_pipeline_as_diffusers_does(client, host_render, monkeypatch):
     base, _ = show(client)
     import adaptermerge.ui.diffusion as diffusion
 
@@ -108,7 +107,7 @@ def test_linear_sliders_reweight_the_loaded_pipeline_as_diffusers_does(client, f
     assert np.abs(mixed - base).mean() > 2  # the LoRAs change the image
     assert np.array_equal(show(client)[0], base)  # re-weighted in place: zero weights give the base back
     monkeypatch.undo()
-    expected = host_render(folders, [1.0, -0.5])
+    expected = host_render([1.0, -0.5])
     assert np.abs(mixed - expected).max() <= 2, "the merge's image differs from diffusers' set_adapters"
     print(f"diffusion base, slider → image: {server_ms:.0f} ms in the server, {1000 * round_trip:.0f} ms round trip")
     assert server_ms < 2000
@@ -121,11 +120,11 @@ def test_other_methods_load_their_merge_and_linear_comes_back(client):
     assert np.array_equal(show(client, smudge=1.0, sparkle=1.0)[0], linear)
 
 
-def test_advanced_weights_reach_the_pipeline_times_the_slider(client, folders):
+def test_advanced_weights_reach_the_pipeline_times_the_slider(client, host_render):
     plain, _ = show(client, sparkle=1.0)
     no_up, _ = show(client, sparkle=1.0, advanced='sparkle: {"unet": {"up": 0.0}}')
     assert np.abs(no_up - plain).mean() > 0.5
-    expected = host_render(folders, [0.0, {"unet": {"up": 0.0}}])
+    expected = host_render([0.0, {"unet": {"up": 0.0}}])
     assert np.abs(no_up - expected).max() <= 2
     with pytest.raises(AppError, match="unknown UNet keys"):
         show(client, sparkle=1.0, advanced='sparkle: {"unet": {"left": 0.0}}')
