@@ -1,8 +1,10 @@
 """Tiny models built from config classes (no downloads), and random LoRA adapters for them.
 
-- :func:`tiny_sd_pipeline`: a Stable-Diffusion-1.x-style `StableDiffusionPipeline` (UNet with attention in
-  `down_blocks.0`/`up_blocks.1`, tiny VAE, tiny CLIP text encoder, a CLIP tokenizer from a local vocabulary).
-- :func:`tiny_sdxl_pipeline`: the SDXL counterpart with two text encoders (`text_encoder_2` keeps `text_model.`).
+- :func:`tiny_sd_pipeline`: the UI's tiny Stable-Diffusion-1.x-style `StableDiffusionPipeline`
+  (:func:`adaptermerge.ui.diffusion.tiny_sd_pipeline`: UNet with attention in `down_blocks.0`/`up_blocks.1`, tiny
+  VAE, tiny CLIP text encoder, a CLIP tokenizer from a local vocabulary).
+- :func:`tiny_sdxl_pipeline`: the SDXL counterpart with two text encoders (`text_encoder_2` keeps `text_model.`),
+  from the same VAE, text-encoder config and tokenizer builders.
 - :func:`tiny_llama`: a Llama-style causal LM.
 - :func:`save_random_llama_lora`, :func:`save_random_pipeline_lora`: random LoRAs (random `lora_B`, so the update
   is not zero) written by peft's `save_pretrained` and diffusers' `save_lora_weights` themselves.
@@ -14,11 +16,12 @@ from __future__ import annotations
 
 import copy
 import functools
-import json
-import tempfile
 from pathlib import Path
 
 import torch
+
+from adaptermerge.ui import diffusion
+from adaptermerge.ui.diffusion import tiny_clip_tokenizer
 
 __all__ = [
     "LLAMA_TARGETS",
@@ -40,91 +43,12 @@ LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 UNET_ATTENTION_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
 UNET_CONV_TARGETS = ["conv1", "conv2", "conv_shortcut", "conv"]
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
-_TEXT_HIDDEN = 16
-
-
-@functools.cache
-def _tokenizer_dir() -> str:
-    """A CLIP BPE vocabulary of single characters plus a few merges, written once per session."""
-    folder = Path(tempfile.mkdtemp(prefix="tiny_clip_tokenizer_"))
-    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
-    tokens = ["<|startoftext|>", "<|endoftext|>", *letters, *(f"{c}</w>" for c in letters), "th", "the</w>"]
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
-    (folder / "merges.txt").write_text("#version: 0.2\nt h\nth e</w>\n")
-    return str(folder)
-
-
-def tiny_clip_tokenizer():
-    """A `CLIPTokenizer` over a 56-token local vocabulary (max length 16)."""
-    from transformers import CLIPTokenizer
-
-    folder = Path(_tokenizer_dir())
-    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=16)
-
-
-def _clip_config(**overrides):
-    from transformers import CLIPTextConfig
-
-    config = dict(
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=1,
-        hidden_size=_TEXT_HIDDEN,
-        intermediate_size=24,
-        num_attention_heads=2,
-        num_hidden_layers=2,
-        vocab_size=64,
-        max_position_embeddings=16,
-        projection_dim=_TEXT_HIDDEN,
-    )
-    config.update(overrides)
-    return CLIPTextConfig(**config)
-
-
-def _vae():
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL(
-        block_out_channels=(8, 16),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=16,
-    )
+_TEXT_HIDDEN = 16  # the tiny CLIP text encoders' width (adaptermerge.ui.diffusion's)
 
 
 @functools.cache
 def _sd_pipeline():
-    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextModel
-
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        block_out_channels=(8, 16),
-        layers_per_block=2,
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=_TEXT_HIDDEN,
-        attention_head_dim=2,
-        norm_num_groups=4,
-    )
-    return StableDiffusionPipeline(
-        vae=_vae(),
-        text_encoder=CLIPTextModel(_clip_config()).eval(),
-        tokenizer=tiny_clip_tokenizer(),
-        unet=unet.eval(),
-        scheduler=DDIMScheduler(steps_offset=1, clip_sample=False),
-        safety_checker=None,
-        feature_extractor=None,
-        image_encoder=None,
-        requires_safety_checker=False,
-    )
+    return diffusion.tiny_sd_pipeline(seed=0)
 
 
 def tiny_sd_pipeline():
@@ -160,9 +84,9 @@ def _sdxl_pipeline():
         norm_num_groups=4,
     )
     return StableDiffusionXLPipeline(
-        vae=_vae(),
-        text_encoder=CLIPTextModel(_clip_config()).eval(),
-        text_encoder_2=CLIPTextModelWithProjection(_clip_config()).eval(),
+        vae=diffusion.tiny_vae(),
+        text_encoder=CLIPTextModel(diffusion.tiny_clip_text_config()).eval(),
+        text_encoder_2=CLIPTextModelWithProjection(diffusion.tiny_clip_text_config()).eval(),
         tokenizer=tiny_clip_tokenizer(),
         tokenizer_2=tiny_clip_tokenizer(),
         unet=unet.eval(),
