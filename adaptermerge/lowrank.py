@@ -175,16 +175,17 @@ def concat(lowranks: Sequence[LowRank], weights: Sequence[float] | None = None) 
     return LowRank(A, B, lowranks[0].kernel_size)
 
 
-def range_basis(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def range_basis(matrix: torch.Tensor, *, singular_vectors: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """`(X, R)`: `matrix @ X` has orthonormal columns spanning `matrix`'s columns, and `matrix = (matrix @ X) @ R`.
 
     For a tall `m × k` factor stack. The only pass over the tall side is one float64 product, the Gram
     `matrixᵀ matrix`; the rest is `k × k` work. That is several times faster than a Householder QR or SVD of the
     stack, and it is what makes whole-model merges fast. The Gram's columns are equilibrated (scaled to unit
     diagonal) before its eigendecomposition, so factors of very different scales, such as adapters trained with
-    different learning rates, keep full accuracy. A final `k × k` SVD turns the basis into the left singular vectors
-    of `matrix`: `matrix @ X = U` of its thin SVD `U S Vᵀ` (columns by decreasing singular value), `R = S Vᵀ`, and each
-    column of `V` has its largest-magnitude entry positive, so the basis is reproducible.
+    different learning rates, keep full accuracy. With `singular_vectors`, a final `k × k` SVD turns the basis into
+    the left singular vectors of `matrix`: `matrix @ X = U` of its thin SVD `U S Vᵀ` (columns by decreasing singular
+    value), `R = S Vᵀ`, and each column of `V` has its largest-magnitude entry positive, so the basis is
+    reproducible. Basis-dependent methods (TIES, DARE) need that; a product that is decomposed next does not.
 
     Directions whose singular value, after equilibration, is below `sqrt(16 k eps)` of the largest (about 3e-7 at
     `k = 64`, under float32 resolution) are dropped as numerically zero; at least one is kept (a zero column for a
@@ -207,6 +208,8 @@ def range_basis(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # it onto the singular vectors.
     X_Q = V / torch.where(root > 0, root, 1.0) / norms[:, None]
     R_Q = root[:, None] * V.T * norms[None, :]
+    if not singular_vectors:
+        return X_Q, R_Q
     P, S, Vh = torch.linalg.svd(R_Q, full_matrices=False)
     signs = torch.sign(Vh[torch.arange(keep), Vh.abs().argmax(dim=1)])
     signs = torch.where(signs == 0, 1.0, signs)
@@ -215,8 +218,8 @@ def range_basis(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _svd_transforms(lowrank: LowRank) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`(X_U, S, X_V)` with `U = B @ X_U` and `Vh = X_V @ A` the thin SVD of `B @ A`, from `r × r` work only."""
-    X_B, R_B = range_basis(lowrank.B)
-    X_A, R_A = range_basis(lowrank.A.T)
+    X_B, R_B = range_basis(lowrank.B, singular_vectors=False)
+    X_A, R_A = range_basis(lowrank.A.T, singular_vectors=False)
     P, S, Qh = torch.linalg.svd(R_B @ R_A.T, full_matrices=False)
     return X_B @ P, S, Qh @ X_A.T
 
