@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 pytest.importorskip("gradio")
 pytest.importorskip("diffusers")
-from gradio_client import Client  # noqa: E402
+from gradio_client import Client, handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 from PIL import Image  # noqa: E402
 
@@ -145,3 +145,18 @@ def test_adapters_for_another_model_are_refused_before_serving(folders, tmp_path
     result = CliRunner().invoke(main, ["ui", "--base", str(folders / "base"), "--adapters", str(tmp_path)])
     assert result.exit_code == 2, result.output
     assert "'fc1'" in result.output and "does not exist in StableDiffusionPipeline" in result.output
+
+
+def test_uploads_are_checked_against_the_pipeline_and_join_the_live_merge(client, folders, tmp_path):
+    wrong = make_adapter({"unet.down_blocks.0.attentions.0.proj_in": (8, 3)}, rank=2, seed=0, name="wrong")
+    path = save_adapter(wrong, tmp_path / "wrong.safetensors", format="diffusers")
+    *_, status = client.predict([handle_file(str(path))], api_name="/upload")
+    assert "Adapter refused" in status and "proj_in" in status, status
+    base, _ = show(client)
+    stripes = random_pipeline_loras(tiny_sd_pipeline(seed=0), ["a", "b", "stripes"])[2]
+    path = save_adapter(stripes, tmp_path / "stripes.safetensors", format="kohya")
+    *sliders, status = client.predict([handle_file(str(path))], api_name="/upload")
+    assert "Added stripes" in status and sliders[2]["visible"], status
+    weights = [0.0, 0.0, 1.0] + [0.0] * (MAX_ADAPTERS - 3)
+    _, image_path, _, _ = client.predict("linear", *weights, *NO_PARAMS, "", api_name="/preview")
+    assert np.abs(np.asarray(Image.open(image_path).convert("RGB")).astype(int) - base).mean() > 2

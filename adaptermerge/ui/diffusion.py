@@ -16,12 +16,13 @@ imported only when a pipeline is built.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,7 @@ __all__ = [
     "tiny_clip_tokenizer",
     "tiny_sd_pipeline",
     "tiny_vae",
+    "torch_threads",
 ]
 
 logger = logging.getLogger(__name__)
@@ -90,6 +92,21 @@ def load_pipeline(base: str) -> Any:
     return pipe.to("cuda") if cuda else pipe
 
 
+@contextlib.contextmanager
+def torch_threads(count: int | None) -> Iterator[None]:
+    """Run the block on `count` torch threads (unchanged when None), restoring the number after.
+
+    Tiny models run several times faster on one thread than on threads that contend with other work.
+    """
+    before = torch.get_num_threads()
+    if count:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 class PipelinePreview:
     """Images from a diffusers pipeline with the workbench's merge loaded (see the module docstring).
 
@@ -99,14 +116,35 @@ class PipelinePreview:
         size (`int`, *optional*): image height and width in pixels (a multiple of 8); the pipeline's default if None.
         seed (`int`): the initial noise, the same for every image.
         prompt (`str`): the prompt; the page's prompt box changes it.
+        threads (`int`, *optional*): torch threads while rendering (see :func:`torch_threads`).
     """
 
-    def __init__(self, pipe: Any, *, steps: int = 20, size: int | None = None, seed: int = 0, prompt: str) -> None:
+    def __init__(
+        self,
+        pipe: Any,
+        *,
+        steps: int = 20,
+        size: int | None = None,
+        seed: int = 0,
+        prompt: str,
+        threads: int | None = None,
+    ) -> None:
         self.pipe = pipe
-        self.steps, self.size, self.seed, self.prompt = steps, size, seed, prompt
+        self.steps, self.size, self.seed, self.prompt, self.threads = steps, size, seed, prompt, threads
         self._lock = threading.Lock()
         self._loaded: list[Adapter] = []  # the adapters of the live merge `mix`, in slider order
         self._active: str | None = None  # the adapter in use: `mix`, `preview`, or None for the base
+
+    def check(self, adapter: Adapter) -> None:
+        """Refuse an adapter the pipeline cannot hold, before it joins the workbench.
+
+        Raises:
+            IncompatibleAdaptersError: naming a module the pipeline does not have or has with another shape.
+        """
+        from ..integrations._live import check_host_modules
+        from ..integrations.diffusers import find_pipeline_module
+
+        check_host_modules(adapter, lambda module: find_pipeline_module(self.pipe, module), type(self.pipe).__name__)
 
     def load(self, adapters: Sequence[Adapter]) -> None:
         """Load `adapters` as the live linear merge `mix`, all weights zero (replacing an earlier one).
@@ -158,13 +196,14 @@ class PipelinePreview:
     @torch.no_grad()
     def _render(self) -> np.ndarray:
         size = {"height": self.size, "width": self.size} if self.size else {}
-        image = self.pipe(
-            self.prompt,
-            num_inference_steps=self.steps,
-            generator=torch.Generator().manual_seed(self.seed),
-            output_type="np",
-            **size,
-        ).images[0]
+        with torch_threads(self.threads):
+            image = self.pipe(
+                self.prompt,
+                num_inference_steps=self.steps,
+                generator=torch.Generator().manual_seed(self.seed),
+                output_type="np",
+                **size,
+            ).images[0]
         return (np.clip(image, 0.0, 1.0) * 255).round().astype(np.uint8)
 
 
@@ -291,7 +330,7 @@ class DiffusionPreview(PipelinePreview):
     def __init__(self, *, steps: int = 3, size: int = 32, seed: int = 0, prompt: str = "the cat") -> None:
         pipe = tiny_sd_pipeline(seed=seed)
         pipe.set_progress_bar_config(disable=True)
-        super().__init__(pipe, steps=steps, size=size, seed=seed, prompt=prompt)
+        super().__init__(pipe, steps=steps, size=size, seed=seed, prompt=prompt, threads=1)
         self.adapters = random_pipeline_loras(pipe)
         self.load(self.adapters)
 

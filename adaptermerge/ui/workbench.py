@@ -10,14 +10,13 @@ size-limited, refused when they are pickles, and validated like command-line inp
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import html
 import json
 import logging
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +30,7 @@ from ..library import find_adapters
 from ..lowrank import inner
 from ..merge import merge_adapters
 from ..weights import ModuleWeights, check_weights
-from .diffusion import PipelinePreview, is_pipeline, load_pipeline
+from .diffusion import PipelinePreview, is_pipeline, load_pipeline, torch_threads
 
 __all__ = [
     "DEMO",
@@ -79,16 +78,17 @@ class Workbench:
         self.threads = threads
         self.base_scores: dict[str, float] | None = None  # the base model's scores, on the first score preview
         self.reference = dict(reference or {})
-        self._folded: dict[tuple[int, str], Adapter] = {}
-        for adapter in adapters:
-            self.add(adapter)
+        self._folded: dict[tuple[str, str], Adapter] = {}
+        with torch_threads(threads):
+            for adapter in adapters:
+                self.add(adapter)
 
     @property
     def names(self) -> list[str]:
         return [a.name for a in self.adapters]
 
     def add(self, adapter: Adapter) -> Adapter:
-        """Materialise, check (finite, compatible with the others, room left) and keep `adapter`.
+        """Materialise, check (finite, compatible with the others and a pipeline base, room left) and keep `adapter`.
 
         Raises:
             AdapterMergeError: with a message for the page when the adapter cannot join.
@@ -100,6 +100,8 @@ class Workbench:
             update.check_finite()
         if self.adapters:
             check_compatible([*self.adapters, adapter], module_union([*self.adapters, adapter]))
+        if isinstance(self.preview_fn, PipelinePreview):
+            self.preview_fn.check(adapter)
         if adapter.name in self.names:
             adapter = dataclasses.replace(adapter, name=f"{adapter.name}_{len(self.adapters) + 1}")
         for module in adapter:
@@ -159,7 +161,7 @@ class Workbench:
         if not chosen:
             return None
         adapters, chosen_weights = zip(*chosen)
-        with self._threads():
+        with torch_threads(self.threads):
             return merge_adapters(list(adapters), list(chosen_weights), method, **params)
 
     def folded(self, specs: Mapping[str, Mapping[str, Any]] | None = None) -> list[Adapter]:
@@ -203,19 +205,9 @@ class Workbench:
         weights = [float(w) for w in weights[: len(self.adapters)]]
         if isinstance(self.preview_fn, PipelinePreview) and method == "linear" and not params:
             folded = self.folded(specs)
-            with self._threads():
+            with torch_threads(self.threads):
                 return self.preview_fn.reweight(folded, weights)
         return self.preview(self.merge(weights, method, params, specs))
-
-    @contextlib.contextmanager
-    def _threads(self) -> Iterator[None]:
-        before = torch.get_num_threads()
-        if self.threads:
-            torch.set_num_threads(self.threads)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(before)
 
     def preview(self, merged: Adapter | None) -> str | np.ndarray:
         """The preview of `merged`: per-task scores of base, own adapter and merge with bars, generated text or an
@@ -225,7 +217,7 @@ class Workbench:
                 return "<p>All weights are zero: the base model.</p>"
             rows = "".join(f"<tr><td>{html.escape(m)}</td><td>rank {u.rank}</td></tr>" for m, u in merged.items())
             return f"<table class='am-preview'><tr><th>module</th><th>merged</th></tr>{rows}</table>"
-        with self._threads():
+        with torch_threads(self.threads):
             scores = self.preview_fn(merged)
             if isinstance(scores, dict) and self.base_scores is None:
                 self.base_scores = self.preview_fn(None)
@@ -311,9 +303,10 @@ def demo_workbench() -> Workbench:
     """The embedded default: the digits suite's task LoRAs, previewed by per-task test accuracy."""
     from ..quality import load_demo_suite
 
-    suite = load_demo_suite()
-    adapters = suite.adapters()
-    reference = {a.name: suite.evaluate(a, tasks=[a.name])[a.name] for a in adapters}
+    with torch_threads(1):
+        suite = load_demo_suite()
+        adapters = suite.adapters()
+        reference = {a.name: suite.evaluate(a, tasks=[a.name])[a.name] for a in adapters}
     return Workbench(adapters, preview=suite.evaluate, reference=reference, threads=1)
 
 
@@ -340,7 +333,7 @@ def make_workbench(
         return Workbench(adapters, preview=TextPreview(base))
     preview = PipelinePreview(load_pipeline(base), steps=steps, size=size, prompt="a photo of a cat")
     bench = Workbench(adapters, preview=preview)
-    preview.load(bench.adapters)  # checks every module against the pipeline now, not at the first slider move
+    preview.load(bench.adapters)  # now rather than at the first slider move
     return bench
 
 
