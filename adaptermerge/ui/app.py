@@ -87,6 +87,7 @@ def _coerce(control: ParamControl, value: Any) -> Any:
 CSS = """
 .am-preview td, .am-preview th, .am-heatmap td, .am-heatmap th {padding: 2px 8px; text-align: right}
 .am-barcell {width: 200px} .am-bar {height: 12px; background: #e07b00}
+#preview-image img {min-width: 256px; min-height: 256px; object-fit: contain; image-rendering: pixelated}
 """
 
 
