@@ -17,20 +17,53 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is abse
 from adaptermerge.ui import launch  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def page():
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def page(browser):
+    port = free_port()
     app = launch(port=port, prevent_thread_lock=True)
     try:
-        with sync_api.sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
-            page = browser.new_page(viewport={"width": 1400, "height": 1200})
-            page.goto(f"http://127.0.0.1:{port}/")
-            page.wait_for_selector("#preview .am-merged", timeout=60_000)
-            yield page
-            browser.close()
+        page = browser.new_page(viewport={"width": 1400, "height": 1200})
+        page.goto(f"http://127.0.0.1:{port}/")
+        page.wait_for_selector("#preview .am-merged", timeout=60_000)
+        yield page
+    finally:
+        app.close()
+
+
+@pytest.fixture(scope="module")
+def pipeline_page(browser, tmp_path_factory):
+    """The app on a user's diffusers pipeline (`--base`, a tiny SD saved to a folder) and a folder of kohya LoRAs."""
+    from adaptermerge import save_adapter
+    from adaptermerge.ui.diffusion import random_pipeline_loras, tiny_sd_pipeline
+
+    root = tmp_path_factory.mktemp("pipeline-ui")
+    pipe = tiny_sd_pipeline(seed=0)
+    pipe.save_pretrained(root / "base")
+    for adapter in random_pipeline_loras(pipe):
+        save_adapter(adapter, root / "adapters" / f"{adapter.name}.safetensors", format="kohya")
+    port = free_port()
+    app = launch(
+        port=port, base=str(root / "base"), adapters_dir=root / "adapters", steps=3, size=32, prevent_thread_lock=True
+    )
+    try:
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(f"http://127.0.0.1:{port}/")
+        page.locator("#preview-image img").wait_for(state="visible", timeout=60_000)
+        yield page
     finally:
         app.close()
 
@@ -92,4 +125,28 @@ def test_diffusion_section_renders_a_new_image_when_a_slider_moves(page, tmp_pat
     timing = page.inner_text("#diffusion-timing")
     print(f"diffusion slider click → new image in the browser: {1000 * elapsed:.0f} ms ({timing}); {screenshot}")
     assert screenshot.stat().st_size > 10_000
+    assert elapsed < 3.0
+
+
+def test_pipeline_base_shows_a_new_image_when_a_slider_moves(pipeline_page, tmp_path):
+    page = pipeline_page
+    assert page.locator("#prompt").is_visible() and not page.locator("#preview").is_visible()
+    before_source, before = shown_image(page, "#preview-image")
+    slider = page.locator("#weight-1 input[type=range]")
+    slider.scroll_into_view_if_needed()
+    track = slider.bounding_box()
+    started = time.perf_counter()
+    page.mouse.click(track["x"] + 0.9 * track["width"], track["y"] + track["height"] / 2)
+    page.wait_for_function(
+        "old => { const img = document.querySelector('#preview-image img'); return img && img.src !== old; }",
+        arg=before_source,
+        timeout=10_000,
+    )
+    elapsed = time.perf_counter() - started
+    _, after = shown_image(page, "#preview-image")
+    assert before.shape == after.shape == (32, 32, 3)
+    assert np.abs(after - before).mean() > 2
+    screenshot = tmp_path / "ui-pipeline-after-slider.png"
+    page.screenshot(path=str(screenshot), full_page=True)
+    print(f"pipeline base slider click → new image in the browser: {1000 * elapsed:.0f} ms; {screenshot}")
     assert elapsed < 3.0
