@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from adaptermerge import merge_adapters
-from adaptermerge.quality.bench import run_quality_bench
-from adaptermerge.quality.digits import digits_config, load_digits_suite
+from adaptermerge.quality.bench import DENSITIES, GRID, run_quality_bench
+from adaptermerge.quality.digits import DIGITS_TASKS, digits_config, load_digits_suite
 from adaptermerge.quality.report import print_table, write_json, write_png
 
 pytest.importorskip("peft")
@@ -33,12 +33,24 @@ def test_suite_is_reused_from_cache_without_training(small_suite):
     assert again.evaluate(None) == suite.evaluate(None)
 
 
-def test_each_adapter_beats_the_base_model_on_its_own_task(small_suite):
+def test_base_model_is_near_chance_and_each_adapter_carries_its_task(small_suite):
     suite, _, _ = small_suite
     base = suite.evaluate(None)
     for task, adapter in zip(suite.tasks, suite.adapters()):
+        chance = 1 / DIGITS_TASKS[task][3]
         own = suite.evaluate(adapter, tasks=[task])[task]
-        assert own > base[task] + 0.05, (task, own, base[task])
+        assert base[task] < chance + 0.2, (task, base[task])
+        assert own > base[task] + 0.3, (task, own, base[task])
+
+
+def test_heads_are_the_pretraining_head_read_through_the_label_map(small_suite):
+    suite, _, _ = small_suite
+    digit, parity = suite.heads["digit"], suite.heads["parity"]
+    features = torch.rand(5, digit.in_features)
+    logits = digit(features)
+    expected = torch.stack([logits[:, 0::2].mean(1), logits[:, 1::2].mean(1)], 1)
+    torch.testing.assert_close(parity(features), expected)
+    assert not any(p.requires_grad for p in (*digit.parameters(), *parity.parameters()))
 
 
 def test_linear_merge_from_files_equals_merge_in_memory(small_suite):
@@ -62,10 +74,24 @@ def test_bench_rows_table_json_and_png(small_suite, tmp_path):
     assert base.mean_normalised < 1.0
     # peft's cat is the exact weighted sum, so it must match our linear merge at every weight
     assert linear.val_curve == pytest.approx(cat.val_curve)
-    assert linear.weight in (0.2, 0.5, 1.0) and linear.merge_seconds > 0
+    assert linear.weight in (0.2, 0.5, 1.0) and linear.merge_seconds > 0 and linear.params == {}
     print_table(results)
     payload = json.loads(write_json(results, tmp_path / "q.json").read_text())
     assert [r["name"] for r in payload["rows"]] == names
     assert payload["summary"]["best_peft"]["name"] == "peft:cat"
     png = write_png(results, tmp_path / "q.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_density_is_chosen_with_the_weight_on_validation_for_ours_and_peft(small_suite):
+    suite, _, _ = small_suite
+    grid = (0.5, 1.0)
+    results = run_quality_bench(suite, methods=["ties"], peft_types=["ties_svd"], grid=grid)
+    ours, theirs = results["rows"][2:]
+    for row in (ours, theirs):
+        assert len(row.val_curve) == len(grid) * len(DENSITIES)
+        assert row.params["density"] in DENSITIES and row.weight in grid
+        assert row.val_curve[f"{row.weight:g} density={row.params['density']:g}"] == max(row.val_curve.values())
+    total_rank = sum(a["fc1"].rank for a in suite.adapters())
+    assert theirs.note == f"svd_rank={total_rank}"
+    assert GRID[0] < 0.1 and GRID[-1] >= 3.0  # wide enough for sums (small λ) and disjoint means (large λ)

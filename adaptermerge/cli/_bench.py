@@ -54,7 +54,8 @@ def quality(suite_name: str, methods: str | None, peft_types: str, out: Path, ca
     """Merge each suite's task LoRAs with every method and peft's types; print and save the quality table.
 
     Weights are one uniform weight per adapter, chosen on a validation split from one grid shared by every method
-    (peft's included). Writes OUT/quality-<suite>.json and OUT/quality-<suite>.png.
+    (peft's included), jointly with the density of sparsifying methods (ours and peft's ties/dare types); peft's SVD
+    types keep the same output rank as ours. Writes OUT/quality-<suite>.json and OUT/quality-<suite>.png.
     """
     from ..quality.bench import run_quality_bench
     from ..quality.report import print_table, write_json, write_png
@@ -95,21 +96,24 @@ def demo(out: Path, cache_dir: Path | None) -> None:
     written = []
     for row in results["rows"]:
         if row.kind == "adaptermerge" and row.weight is not None:
-            merged = merge_adapters(paths, [row.weight] * len(paths), row.name, adapter_name=row.name)
+            merged = merge_adapters(paths, [row.weight] * len(paths), row.name, adapter_name=row.name, **row.params)
             written.append(save_adapter(merged, out / row.name, format="peft", overwrite=True))
     write_json(results, out / "quality.json")
     write_png(results, out / "quality.png")
     tasks = ", ".join(f"{t} ({suite.descriptions[t]})" for t in suite.tasks)
     console.print(
         f"""
-[bold]What you see.[/bold] A small MLP was pretrained on scikit-learn's 8×8 digits; then one rank-4 LoRA per
-task was trained with peft on images of 5-9: {tasks}.
-Each row merges those {len(paths)} LoRAs into one adapter and reads every task through the task's own frozen head.
-Columns are test accuracy (%); [bold]norm[/bold] is the average of merged / own-adapter accuracy; [bold]w[/bold]
-is the uniform weight per adapter chosen on a validation split (same grid for every method, peft's included).
-"base (weight 0)" is the model with no adapter, "individual" each task's own LoRA: a useful merge lands between
-them, as close to "individual" as possible. Rows [cyan]peft:*[/cyan] are peft's add_weighted_adapter types;
-"rmm" rows show each task recovered from a reversible basis of half as many elements as tasks.
+[bold]What you see.[/bold] A small MLP was pretrained on scikit-learn's 8×8 digits, upright at the centre of a
+16×16 canvas; its own digit head reads every task (as CLIP's zero-shot heads do in the task-arithmetic papers).
+Then one rank-{suite.config.rank} LoRA per task was trained with peft, each task a new place and view of the digit:
+{tasks}.
+Each row merges those {len(paths)} LoRAs into one adapter; columns are test accuracy (%), [bold]norm[/bold] the average
+of merged / own-adapter accuracy. [bold]w[/bold] is the uniform weight per adapter (and d the density of sparsifying
+methods) chosen on a validation split from one grid for every row, peft's included.
+"base (weight 0)" is the model with no adapter (near chance: the tasks need their adapters), "individual" each task's
+own LoRA: a useful merge lands between them, as close to "individual" as possible. Rows [cyan]peft:*[/cyan] are
+peft's add_weighted_adapter types; "rmm" rows show each task recovered from a reversible basis of half as many
+elements as tasks.
 
 Merged adapters (PEFT folders, loadable with PeftModel.from_pretrained) were written to:
   {chr(10).join("  " + str(p) for p in written).strip()}

@@ -1,7 +1,16 @@
 """Merge a suite's task LoRAs with every registered method and with peft's `add_weighted_adapter` types.
 
-Protocol (the same for every method, peft's included): one uniform weight per adapter, chosen from :data:`GRID`
-by the average normalised accuracy on the validation split; the table reports the test split at that weight.
+Protocol (the same for every row, peft's included), after task arithmetic (Ilharco et al., 2023) and the Core Space,
+TIES and KnOTS papers, which all pick the merge coefficient on held-out data:
+
+- one uniform weight per adapter (the scaling coefficient λ), chosen from :data:`GRID` by the average normalised
+  accuracy on the validation split; the table reports the test split at that choice;
+- a method's sparsity (`density` of ours and of peft's ties/dare/magnitude types) is chosen jointly with λ from
+  :data:`DENSITIES` in the same way (the TIES paper's 0.2 is one of them); other hyper-parameters keep their defaults;
+- SVD truncations keep `Σ r_t`, the rank every other adaptermerge merge keeps (all nonzero components), so that no
+  row is handicapped by a smaller output rank: peft's `*svd` types get `svd_rank = Σ r_t` and our `svd` gets
+  `rank = Σ r_t` (both default to the largest input rank). LoRA-LEGO keeps its paper's merged rank `k = r`.
+
 Normalised accuracy is merged accuracy over the task's own adapter's accuracy on the same split.
 
 Methods whose result is not an :class:`~adaptermerge.Adapter` are handled by what the result offers: a result with
@@ -26,12 +35,16 @@ from ..merge import merge_adapters
 from ..methods import get_method, list_methods
 from .suite import Suite
 
-__all__ = ["GRID", "PEFT_TYPES", "BenchRow", "reference_rows", "run_method", "run_peft", "run_quality_bench"]
+__all__ = [
+    "DENSITIES", "GRID", "PEFT_TYPES", "BenchRow", "reference_rows", "run_method", "run_peft", "run_quality_bench",
+]  # fmt: skip
 
 logger = logging.getLogger(__name__)
-GRID = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0, 1.5)
+GRID = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0, 1.4, 2.0, 3.0, 4.0)
+DENSITIES = (0.2, 0.5, 0.8)
 PEFT_TYPES = ("cat", "linear", "ties", "svd", "ties_svd")
 _BASIS_PARAMS = ("k", "num_bases", "n_bases", "basis_size")
+_TRUNCATING = ("svd",)  # methods whose default output rank is the largest input rank, as peft's svd types
 
 
 @dataclass
@@ -44,10 +57,11 @@ class BenchRow:
         accuracy: task → test accuracy.
         normalised: task → test accuracy / the task's own adapter's test accuracy.
         weight: the uniform weight chosen on validation (`None` for reference and recovery rows).
+        params: the method's hyper-parameters chosen on validation with the weight (`density`), if any.
         merge_seconds: wall time of the merge at the chosen weight.
         peak_mib: peak resident memory above the level before the merge, sampled (MiB).
         note: what else a reader needs (an error, the basis size).
-        val_curve: weight → average normalised validation accuracy.
+        val_curve: candidate (`"<weight> density=<d>"`) → average normalised validation accuracy.
     """
 
     name: str
@@ -58,7 +72,8 @@ class BenchRow:
     merge_seconds: float | None = None
     peak_mib: float | None = None
     note: str = ""
-    val_curve: dict[float, float] = field(default_factory=dict)
+    val_curve: dict[str, float] = field(default_factory=dict)
+    params: dict[str, float] = field(default_factory=dict)
 
     @property
     def mean_accuracy(self) -> float | None:
@@ -70,7 +85,6 @@ class BenchRow:
 
     def to_dict(self) -> dict[str, Any]:
         row = dataclasses.asdict(self)
-        row["val_curve"] = {str(w): v for w, v in self.val_curve.items()}
         return {**row, "mean_accuracy": self.mean_accuracy, "mean_normalised": self.mean_normalised}
 
 
@@ -122,20 +136,37 @@ def reference_rows(suite: Suite) -> tuple[BenchRow, BenchRow, dict[str, dict[str
     return base_row, individual, cross, own
 
 
+def _candidates(grid: Sequence[float], tuned: bool) -> list[tuple[float, dict[str, float]]]:
+    """Every (weight, hyper-parameters) pair tried on validation: the grid, times the densities when `tuned`."""
+    return [(w, {"density": d}) for d in DENSITIES for w in grid] if tuned else [(w, {}) for w in grid]
+
+
+def _label(weight: float, params: dict[str, float]) -> str:
+    return " ".join([f"{weight:g}", *(f"{k}={v:g}" for k, v in params.items())])
+
+
 def _select(
-    suite: Suite, name: str, kind: str, merge: Callable[[float], Adapter], own: dict, grid: Sequence[float]
+    suite: Suite,
+    name: str,
+    kind: str,
+    merge: Callable[[float, dict[str, float]], Adapter],
+    own: dict,
+    candidates: Sequence[tuple[float, dict[str, float]]],
 ) -> BenchRow:
-    """Merge at every grid weight, keep the best on validation, report it on test."""
+    """Merge at every candidate (weight, hyper-parameters), keep the best on validation, report it on test."""
     curve, best = {}, None
-    for weight in grid:
-        merged, seconds, peak = measure(lambda w=weight: merge(w))
+    for weight, params in candidates:
+        merged, seconds, peak = measure(lambda w=weight, p=params: merge(w, p))
         score = _normalise(suite.evaluate(merged, split="val"), own["val"])
-        curve[weight] = sum(score.values()) / len(score)
-        if best is None or curve[weight] > curve[best[0]]:
-            best = (weight, merged, seconds, peak)
-    weight, merged, seconds, peak = best
+        label = _label(weight, params)
+        curve[label] = sum(score.values()) / len(score)
+        if best is None or curve[label] > curve[_label(best[0], best[1])]:
+            best = (weight, params, merged, seconds, peak)
+    weight, params, merged, seconds, peak = best
     accuracy = suite.evaluate(merged)
-    return BenchRow(name, kind, accuracy, _normalise(accuracy, own["test"]), weight, seconds, peak, val_curve=curve)
+    return BenchRow(
+        name, kind, accuracy, _normalise(accuracy, own["test"]), weight, seconds, peak, val_curve=curve, params=params
+    )
 
 
 def _recovery_row(suite: Suite, name: str, own: dict) -> BenchRow:
@@ -157,18 +188,23 @@ def _recovery_row(suite: Suite, name: str, own: dict) -> BenchRow:
 
 
 def run_method(suite: Suite, name: str, own: dict, *, grid: Sequence[float] = GRID) -> BenchRow:
-    """One registered method's row (a merge with the weight chosen on validation, or a recovery row)."""
+    """One registered method's row (a merge with weight and density chosen on validation, or a recovery row)."""
     paths = [suite.adapter_paths[t] for t in suite.tasks]
+    tuned = "density" in get_method(name).param_names
+    candidates = _candidates(grid, tuned)
+    if name in _TRUNCATING:
+        total_rank = sum(adapter[next(iter(adapter))].rank for adapter in suite.adapters())
+        candidates = [(w, {"rank": total_rank, **p}) for w, p in candidates]
     try:
         probe = merge_adapters(paths, [grid[0]] * len(paths), method=name)
         if isinstance(probe, Adapter):
-            merge = lambda w: merge_adapters(paths, [w] * len(paths), name)  # noqa: E731
-            return _select(suite, name, "adaptermerge", merge, own, grid)
+            merge = lambda w, p: merge_adapters(paths, [w] * len(paths), name, **p)  # noqa: E731
+            return _select(suite, name, "adaptermerge", merge, own, candidates)
         if hasattr(probe, "recover"):
             return _recovery_row(suite, name, own)
         if hasattr(probe, "merge"):
-            merge = lambda w: merge_adapters(paths, method=name).merge([w] * len(paths))  # noqa: E731
-            return _select(suite, name, "adaptermerge", merge, own, grid)
+            merge = lambda w, p: merge_adapters(paths, method=name, **p).merge([w] * len(paths))  # noqa: E731
+            return _select(suite, name, "adaptermerge", merge, own, candidates)
         return BenchRow(name, "adaptermerge", note=f"result {type(probe).__name__} has neither recover nor merge")
     except Exception as err:  # a broken method must not hide the others' rows
         logger.warning("method %s failed: %s", name, err)
@@ -186,21 +222,23 @@ def run_peft(suite: Suite, combination_type: str, own: dict, *, grid: Sequence[f
     )
     for task in suite.tasks[1:]:
         model.load_adapter(str(suite.adapter_paths[task]), adapter_name=task)
-    extra = {"density": 0.5} if "ties" in combination_type else {}
+    tuned = any(key in combination_type for key in ("ties", "dare", "magnitude"))
+    svd_rank = sum(model.peft_config[t].r for t in suite.tasks) if combination_type.endswith("svd") else None
 
-    def merge(weight: float) -> Adapter:
+    def merge(weight: float, params: dict[str, float]) -> Adapter:
         if "merged" in model.peft_config:
             model.delete_adapter("merged")
         model.add_weighted_adapter(
-            suite.tasks, [weight] * len(suite.tasks), "merged", combination_type=combination_type, **extra
-        )
+            suite.tasks, [weight] * len(suite.tasks), "merged", combination_type=combination_type,
+            svd_rank=svd_rank, **params,
+        )  # fmt: skip
         state = get_peft_model_state_dict(model, adapter_name="merged")
         config = model.peft_config["merged"].to_dict()
         return peft_format.from_state_dict({k: v.detach().clone() for k, v in state.items()}, config, "merged")
 
     try:
-        row = _select(suite, f"peft:{combination_type}", "peft", merge, own, grid)
-        row.note = "density=0.5" if extra else ""
+        row = _select(suite, f"peft:{combination_type}", "peft", merge, own, _candidates(grid, tuned))
+        row.note = f"svd_rank={svd_rank}" if svd_rank else ""
         return row
     except Exception as err:
         logger.warning("peft %s failed: %s", combination_type, err)
@@ -243,6 +281,7 @@ def run_quality_bench(
         "tasks": suite.tasks,
         "descriptions": suite.descriptions,
         "grid": list(grid),
+        "densities": list(DENSITIES),
         "rows": rows,
         "cross": cross,
         "cache": str(suite.folder),

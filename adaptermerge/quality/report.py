@@ -16,8 +16,15 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}"
 
 
+def _choice(row) -> str:
+    """The chosen weight, and `d=<density>` when a density was chosen with it."""
+    if row.weight is None:
+        return "-"
+    return " ".join([f"{row.weight:g}", *(f"{name[0]}={value:g}" for name, value in row.params.items())])
+
+
 def print_table(results: dict[str, Any], console: Console | None = None) -> Table:
-    """Print per-task test accuracy (%), averages, chosen weight, merge time and peak memory, one row a method."""
+    """Print per-task test accuracy (%), averages, chosen weight (and density `d`), merge time, peak memory."""
     tasks = results["tasks"]
     table = Table(title=f"merge quality on the {results['suite']} suite (test accuracy %, weight chosen on val)")
     for column in ("method", "w", *tasks, "avg", "norm", "time ms", "peak MiB", "note"):
@@ -26,7 +33,7 @@ def print_table(results: dict[str, Any], console: Console | None = None) -> Tabl
         style = "bold" if row.kind == "reference" else ("cyan" if row.kind == "peft" else None)
         table.add_row(
             row.name,
-            "-" if row.weight is None else f"{row.weight:g}",
+            _choice(row),
             *[_pct(row.accuracy.get(t)) for t in tasks],
             _pct(row.mean_accuracy),
             _pct(row.mean_normalised),
