@@ -114,10 +114,12 @@ def test_linear_sliders_reweight_the_loaded_pipeline_as_diffusers_does(client, h
 
 
 def test_other_methods_load_their_merge_and_linear_comes_back(client):
+    base, _ = show(client)
     linear, _ = show(client, smudge=1.0, sparkle=1.0)
     ties, _ = show(client, smudge=1.0, sparkle=1.0, method="ties")
     assert np.abs(ties - linear).mean() > 0.5
-    assert np.array_equal(show(client, smudge=1.0, sparkle=1.0)[0], linear)
+    assert np.array_equal(show(client, method="ties")[0], base)  # nothing to merge: LoRAs off
+    assert np.array_equal(show(client, smudge=1.0, sparkle=1.0)[0], linear)  # and back on
 
 
 def test_advanced_weights_reach_the_pipeline_times_the_slider(client, host_render):

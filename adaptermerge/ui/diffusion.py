@@ -154,6 +154,8 @@ class PipelinePreview:
         """
         import adaptermerge
 
+        if self._active is None and self.pipe.get_list_adapters():
+            self.pipe.enable_lora()  # LoRAs were off for a base-model image
         adaptermerge.load_merged_adapters(self.pipe, list(adapters), [0.0] * len(adapters), adapter_name="mix")
         self._loaded, self._active = list(adapters), "mix"
 
