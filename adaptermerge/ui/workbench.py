@@ -52,12 +52,13 @@ DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
 
 
 class Workbench:
-    """The app's state: adapters held in memory, their pairwise inner products, and the preview function.
+    """The app's state: adapters held in memory, their per-module inner products, and the preview function.
 
     Args:
         adapters (`list[Adapter]`): the adapters offered at start (materialised here).
         preview (`callable`, *optional*): merged adapter (or `None` for the base) → task → score (the demo's
-            `Suite.evaluate`) or generated text (:class:`TextPreview`). Without one the page lists the merged modules.
+            `Suite.evaluate`), generated text (:class:`TextPreview`) or an image (:class:`PipelinePreview`, which
+            also re-weights linear merges in place, see :meth:`show`). Without one the page lists the merged modules.
         reference (`dict`, *optional*): task → own adapter's score, shown next to the merge.
         threads (`int`, *optional*): torch threads while merging and previewing; tiny models run several times
             faster on one thread than on contended ones.
