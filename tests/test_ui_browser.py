@@ -101,21 +101,27 @@ def shown_image(page, selector):
     return source, np.asarray(Image.open(io.BytesIO(page.request.get(source).body())).convert("RGB")).astype(int)
 
 
+def slide_until_image_changes(page, slider: str, image: str) -> tuple[str, float]:
+    """Click near the right end of `slider` and wait until `image` shows a new source; returns it and the seconds."""
+    before_source = page.locator(f"{image} img").evaluate("img => img.src")
+    track = page.locator(f"{slider} input[type=range]")
+    track.scroll_into_view_if_needed()  # a mouse click lands only inside the viewport
+    box = track.bounding_box()
+    started = time.perf_counter()
+    page.mouse.click(box["x"] + 0.9 * box["width"], box["y"] + box["height"] / 2)
+    page.wait_for_function(
+        "args => { const img = document.querySelector(args[0] + ' img'); return img && img.src !== args[1]; }",
+        arg=[image, before_source],
+        timeout=10_000,
+    )
+    return before_source, time.perf_counter() - started
+
+
 def test_diffusion_section_renders_a_new_image_when_a_slider_moves(page, tmp_path):
     page.get_by_text("diffusion: a tiny Stable Diffusion pipeline").click()  # opening it builds the pipeline
     page.locator("#diffusion-image img").wait_for(state="visible", timeout=60_000)
-    before_source, before = shown_image(page, "#diffusion-image")
-    slider = page.locator("#diffusion-weight-0 input[type=range]")
-    slider.scroll_into_view_if_needed()  # a mouse click lands only inside the viewport
-    track = slider.bounding_box()
-    started = time.perf_counter()
-    page.mouse.click(track["x"] + 0.9 * track["width"], track["y"] + track["height"] / 2)
-    page.wait_for_function(
-        "old => { const img = document.querySelector('#diffusion-image img'); return img && img.src !== old; }",
-        arg=before_source,
-        timeout=10_000,
-    )
-    elapsed = time.perf_counter() - started
+    _, before = shown_image(page, "#diffusion-image")
+    before_source, elapsed = slide_until_image_changes(page, "#diffusion-weight-0", "#diffusion-image")
     after_source, after = shown_image(page, "#diffusion-image")
     assert float(page.input_value("#diffusion-weight-0 input[type=number]")) > 1.0
     assert after_source != before_source and before.shape == after.shape == (256, 256, 3)
@@ -131,18 +137,8 @@ def test_diffusion_section_renders_a_new_image_when_a_slider_moves(page, tmp_pat
 def test_pipeline_base_shows_a_new_image_when_a_slider_moves(pipeline_page, tmp_path):
     page = pipeline_page
     assert page.locator("#prompt").is_visible() and not page.locator("#preview").is_visible()
-    before_source, before = shown_image(page, "#preview-image")
-    slider = page.locator("#weight-1 input[type=range]")
-    slider.scroll_into_view_if_needed()
-    track = slider.bounding_box()
-    started = time.perf_counter()
-    page.mouse.click(track["x"] + 0.9 * track["width"], track["y"] + track["height"] / 2)
-    page.wait_for_function(
-        "old => { const img = document.querySelector('#preview-image img'); return img && img.src !== old; }",
-        arg=before_source,
-        timeout=10_000,
-    )
-    elapsed = time.perf_counter() - started
+    _, before = shown_image(page, "#preview-image")
+    _, elapsed = slide_until_image_changes(page, "#weight-1", "#preview-image")
     _, after = shown_image(page, "#preview-image")
     assert before.shape == after.shape == (32, 32, 3)
     assert np.abs(after - before).mean() > 2
