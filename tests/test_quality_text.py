@@ -52,6 +52,24 @@ def test_top_layers_on_cached_states_equal_the_full_minilm_sentence_embedding():
     assert lower["hidden"].dtype == torch.float16
 
 
+def test_heads_are_zero_shot_embeddings_of_the_class_names(small_suite):
+    from transformers import AutoModel, AutoTokenizer
+
+    path = minilm.get_model_path()
+    model = AutoModel.from_pretrained(path, local_files_only=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    for task in TASKS:
+        names = list(wordnet.CLASS_PROMPTS[task])
+        tokens = tokenizer(names, padding=True, return_tensors="pt")
+        with torch.no_grad():
+            hidden = model(**tokens).last_hidden_state
+        mask = tokens["attention_mask"].unsqueeze(-1).float()
+        expected = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+        head = small_suite.heads[task]
+        torch.testing.assert_close(head.weight / wordnet.LOGIT_SCALE, expected, atol=1e-5, rtol=0)
+        assert not head.bias.any() and not head.weight.requires_grad
+
+
 def test_suite_shape_and_cache_reuse(small_suite):
     suite = small_suite
     assert suite.trained and suite.tasks == list(TASKS)

@@ -200,7 +200,7 @@ def load_digits_suite(config: SuiteConfig | None = None, *, cache_dir: str | Pat
             data[task] = {split: TaskData(_place(view(x[i]), corner), label(y[i])) for split, i in splits.items()}
         return data, classes, descriptions
 
-    def make_head(task: str, features: torch.Tensor, labels: torch.Tensor, classes: int) -> nn.Linear:
+    def make_head(task: str, classes: int) -> nn.Linear:
         return _label_head(pretrained, DIGITS_TASKS[task][2], classes)
 
     return build_suite(

@@ -5,9 +5,9 @@ and offline"):
 
 1. A backbone pretrained elsewhere (the packaged MiniLM) or here on one task (the digits MLP), then frozen.
 2. Per task, a frozen linear head: the base model with that head is the "weight 0" row, and every adapter, merged or
-   not, is read by the same head. The digits suite uses the backbone's own pretraining head composed with the task's
-   label map (like CLIP's zero-shot heads in the task-arithmetic papers, so the base model is weak on the tasks and
-   the adapters carry the skill); the text suite fits a linear probe on the frozen base features.
+   not, is read by the same head. Both suites use zero-shot heads, like CLIP's in the task-arithmetic papers, so the
+   base model is weak on the tasks and the adapters carry the skill: the digits backbone's own pretraining head read
+   through the task's label map, and MiniLM's embeddings of the class names.
 3. Per task, one LoRA trained with peft on the backbone's Linear layers, saved as a PEFT folder, so merges go
    through :func:`adaptermerge.merge_adapters` from files exactly as users run them.
 
@@ -164,27 +164,6 @@ class Suite:
         return results
 
 
-def _probe_head(task: str, features: torch.Tensor, labels: torch.Tensor, classes: int, *, steps=200) -> nn.Linear:
-    """A linear probe on frozen features (full-batch Adam on cross-entropy), returned frozen."""
-    head = nn.Linear(features.shape[1], classes)
-    optimizer = torch.optim.Adam(head.parameters(), lr=1e-2)
-    for _ in range(steps):
-        loss = nn.functional.cross_entropy(head(features), labels)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return head.requires_grad_(False).eval()
-
-
-def _features(backbone: nn.Module, data: TaskData, batch_size: int) -> torch.Tensor:
-    with torch.no_grad():
-        parts = [
-            backbone(data.take(torch.arange(s, min(s + batch_size, len(data)))).inputs)
-            for s in range(0, len(data), batch_size)
-        ]
-    return torch.cat(parts)
-
-
 def _train_lora(backbone: nn.Module, head: nn.Linear, train: TaskData, config: SuiteConfig, seed: int, path: Path):
     """Train one task's LoRA with peft on a copy of the frozen backbone and save it as a PEFT folder."""
     from peft import LoraConfig, get_peft_model
@@ -212,7 +191,7 @@ def build_suite(
     *,
     load_backbone: Callable[[Path], nn.Module],
     load_data: Callable[[], tuple[dict[str, dict[str, TaskData]], dict[str, int], dict[str, str]]],
-    make_head: Callable[[str, torch.Tensor, torch.Tensor, int], nn.Linear] | None = None,
+    make_head: Callable[[str, int], nn.Linear],
     cache_dir: str | Path | None = None,
     eval_batch_size: int = 4096,
 ) -> Suite:
@@ -222,10 +201,9 @@ def build_suite(
         config (`SuiteConfig`): what to train.
         load_backbone (`callable`): folder → the frozen backbone (pretraining and caching it there if needed).
         load_data (`callable`): → (task → split → data, task → number of classes, task → description).
-        make_head (`callable`, *optional*): `(task, base features, labels, classes)` → the task's head (frozen
-            after); a linear probe on the base training features by default.
+        make_head (`callable`): `(task, classes)` → the task's head (frozen after; see the protocol above).
         cache_dir (`str` or `Path`, *optional*): the cache root; see :func:`cache_root`.
-        eval_batch_size (`int`): the batch size of evaluation and probe features.
+        eval_batch_size (`int`): the batch size of evaluation.
 
     Returns:
         `Suite`: ready to evaluate; `suite.trained` says whether anything was trained.
@@ -247,9 +225,7 @@ def build_suite(
             if trained:
                 logger.info("training %s/%s (head, then LoRA)", config.name, task)
                 torch.manual_seed(config.seed + index)
-                features = _features(backbone, data[task]["train"], eval_batch_size)
-                heads[task] = (make_head or _probe_head)(task, features, data[task]["train"].labels, classes[task])
-                heads[task].requires_grad_(False).eval()
+                heads[task] = make_head(task, classes[task]).requires_grad_(False).eval()
                 head_file.parent.mkdir(parents=True, exist_ok=True)
                 save_file({k: v.contiguous() for k, v in heads[task].state_dict().items()}, str(head_file))
                 _train_lora(backbone, heads[task], data[task]["train"], config, config.seed + index, adapter_dir)

@@ -3,7 +3,9 @@
 Each task asks something of a WordNet definition ("gloss"): its part of speech, its noun or verb lexicographer
 category, or the kind of adjective it defines. The backbone is the pretrained MiniLM sentence encoder with mean
 pooling, frozen; each task's LoRA is trained with peft on the attention (`query`, `value`) of the encoder's top
-layers, and each task's head is a linear probe on the frozen base features (the weight-0 row of the table).
+layers. Each task's head is zero-shot, as CLIP's are in the task-arithmetic papers: the MiniLM embedding of each
+class's name ("animal", "verb", ...), so the base model (the weight-0 row of the table) reads the task only as well
+as a gloss resembles its class name, and the adapters carry the rest.
 
 What keeps it cheap on a CPU: the layers below the adapted ones never change, so their output on every gloss is
 computed once, cached in the suite folder, and the backbone the suite trains and evaluates is only the adapted top
@@ -50,6 +52,15 @@ TEXT_TASKS: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 
 DEFAULT_TASKS = ("pos", "noun_category", "verb_category", "adj_satellite")
+# the text each class's zero-shot head embeds
+CLASS_PROMPTS: dict[str, tuple[str, ...]] = {
+    "pos": ("a thing", "an action", "a quality of a thing", "a manner of an action"),
+    "noun_category": tuple(LEXNAMES[n].split(".")[1] for n in NOUN_CATEGORIES),
+    "verb_category": tuple(LEXNAMES[n].split(".")[1] for n in VERB_CATEGORIES),
+    "adj_satellite": ("a basic quality", "a shade of a basic quality"),
+    "adj_kind": ("a quality", "relating to something", "having been acted on"),
+}
+LOGIT_SCALE = 20.0  # features and class embeddings are unit vectors: cosine × 20, as a CLIP-style temperature
 
 
 class TextSuiteUnavailable(AdapterMergeError):
@@ -61,7 +72,7 @@ class MiniLMTop(nn.Module):
 
     `forward(inputs)` takes `{"hidden": (n, L, d), "mask": (n, L)}` (the output of the frozen lower layers and the
     attention mask) and returns the mean-pooled, L2-normalised sentence embedding `(n, d)`, as sentence-transformers
-    computes all-MiniLM-L6-v2's (normalised features also keep the linear probe from memorising its training set).
+    computes all-MiniLM-L6-v2's (unit length, so the zero-shot heads' logits are scaled cosines).
     Layers sit at `encoder.layer.<i>` as in `BertModel`.
     """
 
@@ -126,7 +137,7 @@ def text_config(
         batch_size=32,
         seed=seed,
         extra={"adapted_layers": adapted_layers, "train": train, "val": val, "test": test, "max_len": max_len,
-               "version": 2},
+               "head": "zero-shot", "version": 3},
     )  # fmt: skip
 
 
@@ -212,6 +223,15 @@ def _encode_lower(model, tokenizer, texts: list[str], start: int, max_len: int) 
     return {"hidden": torch.cat(hidden), "mask": tokens["attention_mask"]}
 
 
+def _embed(model, tokenizer, texts: list[str]) -> torch.Tensor:
+    """MiniLM's sentence embeddings (mean-pooled, unit length) of `texts`, through every layer."""
+    tokens = tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = model(**tokens).last_hidden_state
+    mask = tokens["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+    return nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1).contiguous()
+
+
 def load_text_suite(
     config: SuiteConfig | None = None,
     *,
@@ -240,6 +260,7 @@ def load_text_suite(
     start = 6 - extra["adapted_layers"]
     inputs: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
     labels: dict[str, dict[str, torch.Tensor]] = {}
+    class_embeddings: dict[str, torch.Tensor] = {}
 
     def load_backbone(folder: Path) -> nn.Module:
         from transformers import AutoModel, AutoTokenizer
@@ -249,7 +270,9 @@ def load_text_suite(
         if cached.is_file():
             for key, value in load_file(str(cached)).items():
                 task, split, name = key.split("/")
-                if name == "labels":
+                if split == "classes":
+                    class_embeddings[task] = value
+                elif name == "labels":
                     labels.setdefault(task, {})[split] = value
                 else:
                     inputs.setdefault(task, {}).setdefault(split, {})[name] = value
@@ -266,6 +289,8 @@ def load_text_suite(
                     labels.setdefault(task, {})[split] = torch.tensor(label)
                     state.update({f"{task}/{split}/{k}": v.contiguous() for k, v in encoded.items()})
                     state[f"{task}/{split}/labels"] = labels[task][split]
+                class_embeddings[task] = _embed(model, tokenizer, list(CLASS_PROMPTS[task]))
+                state[f"{task}/classes/embedding"] = class_embeddings[task]
             save_file(state, str(cached))
         return MiniLMTop({i: model.encoder.layer[i] for i in range(start, 6)})
 
@@ -274,6 +299,18 @@ def load_text_suite(
         classes = {t: len(TEXT_TASKS[t][1]) for t in config.tasks}
         return data, classes, {t: TEXT_TASKS[t][0] for t in config.tasks}
 
+    def make_head(task: str, classes: int) -> nn.Linear:
+        head = nn.Linear(class_embeddings[task].shape[1], classes)
+        with torch.no_grad():
+            head.weight.copy_(LOGIT_SCALE * class_embeddings[task])
+            head.bias.zero_()
+        return head
+
     return build_suite(
-        config, load_backbone=load_backbone, load_data=load_data, cache_dir=cache_dir, eval_batch_size=512
+        config,
+        load_backbone=load_backbone,
+        load_data=load_data,
+        make_head=make_head,
+        cache_dir=cache_dir,
+        eval_batch_size=512,
     )
