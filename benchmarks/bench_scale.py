@@ -8,7 +8,10 @@ Writes 4 rank-16 PEFT adapters over the full Llama-2-7B module set (32 layers; q
 - for each method, the wall time of `adaptermerge merge` as a subprocess (start, read, merge, write), its ratio
   to the read time, and its peak RSS (from `wait4`, per process).
 
-    python benchmarks/bench_scale.py [--methods linear,ties,tsv,svd] [--dtype float16] [--workdir DIR]
+    python benchmarks/bench_scale.py [--methods linear,ties,tsv,svd] [--dtype float16] [--cold] [--workdir DIR]
+
+By default the inputs are read from the page cache (warm, the best case for the read); `--cold` drops the cache
+before the read and before each merge, so both read from disk as on a first run.
 """
 
 from __future__ import annotations
@@ -85,6 +88,15 @@ runpy.run_module("adaptermerge", run_name="__main__")
 """
 
 
+def drop_page_cache() -> None:
+    """Empty the kernel's page cache so the next read comes from disk (Linux, root only)."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("1\n")
+    except OSError as err:
+        raise SystemExit(f"--cold needs root on Linux to drop the page cache ({err}); run without --cold") from None
+
+
 def timed_run(args: list[str]) -> tuple[float, float, int]:
     """Wall seconds, peak RSS in MB and exit code of `adaptermerge ARGS` (`[]` times the bare start)."""
     with tempfile.NamedTemporaryFile(suffix=".peak") as peak_file:
@@ -109,6 +121,9 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    parser.add_argument(
+        "--cold", action="store_true", help="drop the page cache before the read and before each merge (root only)"
+    )
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "adaptermerge-bench-scale")
     args = parser.parse_args()
 
@@ -119,8 +134,14 @@ def main() -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     paths = write_adapters(workdir, args.adapters, args.rank, args.layers, dtype)
     size_mb = sum((p / "adapter_model.safetensors").stat().st_size for p in paths) / 2**20
-    read_all(paths)  # warm the page cache so every row below reads from memory alike
-    read_s = min(read_all(paths) for _ in range(3))
+    if args.cold:
+        drop_page_cache()
+        read_s = read_all(paths)
+    else:
+        read_all(paths)  # warm the page cache so every row below reads from memory alike
+        read_s = min(read_all(paths) for _ in range(3))
+    if args.cold:
+        drop_page_cache()
     start_s, start_rss, _ = timed_run([])
 
     table = Table(title=f"{args.adapters} rank-{args.rank} adapters, {args.layers * 7} modules, {size_mb:.0f} MB")
@@ -138,6 +159,8 @@ def main() -> None:
         command = ["-q", "merge", *map(str, paths), "-m", method, "-o", str(out)]
         if method == "svd":
             command += ["--rank", str(args.rank)]
+        if args.cold:
+            drop_page_cache()
         seconds, rss, code = timed_run(command)
         out_mb = sum(f.stat().st_size for f in out.glob("*")) / 2**20 if code == 0 else 0
         status = f"{seconds:.2f}" if code == 0 else f"failed ({code})"
