@@ -32,13 +32,11 @@ def task_singular_vectors(cores: torch.Tensor, quotas: Sequence[int]) -> torch.T
     Task `t` contributes its `quotas[t]` leading singular triples; the stacked left vectors `Ũ` and right vectors
     `Ṽᵀ` are replaced by their polar factors, and the result is `polar(Ũ) diag(s̃) polar(Ṽᵀ)`.
     """
-    lefts, values, rights = [], [], []
-    for core, quota in zip(cores, quotas):
-        U, S, Vh = torch.linalg.svd(core, full_matrices=False)
-        lefts.append(U[:, :quota])
-        values.append(S[:quota])
-        rights.append(Vh[:quota])
-    return (polar(torch.cat(lefts, dim=1)) * torch.cat(values)) @ polar(torch.cat(rights, dim=0))
+    U, S, Vh = torch.linalg.svd(cores, full_matrices=False)  # one batched call for every task
+    lefts = torch.cat([U[t, :, :quota] for t, quota in enumerate(quotas)], dim=1)
+    values = torch.cat([S[t, :quota] for t, quota in enumerate(quotas)])
+    rights = torch.cat([Vh[t, :quota] for t, quota in enumerate(quotas)], dim=0)
+    return (polar(lefts) * values) @ polar(rights)
 
 
 def isotropize(core: torch.Tensor) -> torch.Tensor:
@@ -85,8 +83,9 @@ def svd(updates: Sequence[LowRank], weights: Sequence[float], params: SvdParams)
     """The weighted sum truncated to `rank` by SVD: peft's `add_weighted_adapter(combination_type="svd")`.
 
     peft (after kohya's `svd_merge_lora`) builds every dense `ΔW`, sums and runs a full SVD; here the exact sum is
-    kept as concatenated factors and truncated through QR of both factors and an SVD of the `R × R` core, which
-    gives the same best rank-`rank` approximation (Eckart–Young) without any `out × in` matrix.
+    kept as concatenated factors and truncated through orthonormal bases of both factors (from their small Gram
+    matrices) and an SVD of the `R × R` core, which gives the same best rank-`rank` approximation (Eckart–Young)
+    without any `out × in` matrix.
 
     Args:
         rank (`int`, *optional*): the output rank; the largest input rank by default, as in peft.
