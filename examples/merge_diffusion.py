@@ -1,8 +1,8 @@
 """Merge LoRAs into a diffusion pipeline with `pipe.load_merged_adapters`, then move a weight slider live.
 
-Offline by default: builds a tiny Stable-Diffusion-style pipeline from configs (UNet, VAE, CLIP text encoder, a
-tokenizer over a small local vocabulary) and two random LoRAs for it. With hub ids (or local paths) it runs the same
-steps on real models and saves the images:
+Offline by default: builds the tiny Stable-Diffusion-style pipeline of adaptermerge's UI from configs (UNet, VAE,
+CLIP text encoder, a tokenizer over a small local vocabulary) and two random LoRAs for it. With hub ids (or local
+paths) it runs the same steps on real models and saves the images:
 
     python examples/merge_diffusion.py
     python examples/merge_diffusion.py --model stabilityai/stable-diffusion-xl-base-1.0 \
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import tempfile
 from pathlib import Path
 
@@ -21,57 +20,7 @@ import numpy as np
 import torch
 
 import adaptermerge
-
-
-def tiny_pipeline(folder: Path):
-    """A Stable-Diffusion-1.x-style pipeline at toy size, built from configs."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
-    vocab = ["<|startoftext|>", "<|endoftext|>", *letters, *(f"{c}</w>" for c in letters)]
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=16)
-    torch.manual_seed(0)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=1,
-            hidden_size=16,
-            intermediate_size=24,
-            num_attention_heads=2,
-            num_hidden_layers=2,
-            vocab_size=64,
-            max_position_embeddings=16,
-        )
-    )
-    unet = UNet2DConditionModel(
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=16,
-        attention_head_dim=2,
-        norm_num_groups=4,
-    )
-    vae = AutoencoderKL(
-        block_out_channels=(8,),
-        down_block_types=("DownEncoderBlock2D",),
-        up_block_types=("UpDecoderBlock2D",),
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=8,
-    )
-    return StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder.eval(), tokenizer=tokenizer, unet=unet.eval(),
-        scheduler=DDIMScheduler(steps_offset=1, clip_sample=False), safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False,
-    )  # fmt: skip
+from adaptermerge.ui.diffusion import tiny_sd_pipeline
 
 
 def random_loras(pipe, folder: Path) -> list[Path]:
@@ -125,7 +74,7 @@ def main() -> None:
             adapters = args.adapters or parser.error("--adapters is required with --model")
             steps, size = args.steps, None
         else:
-            pipe = tiny_pipeline(Path(tmp))
+            pipe = tiny_sd_pipeline()
             adapters, steps, size = random_loras(pipe, Path(tmp)), 2, 16
         args.output.mkdir(parents=True, exist_ok=True)
         images = {"base": render(pipe, args.prompt, steps, size)}
