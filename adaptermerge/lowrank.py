@@ -28,6 +28,7 @@ __all__ = [
     "inner",
     "norm",
     "orthonormal_bases",
+    "pivot_signs",
     "range_basis",
     "svd",
     "truncate",
@@ -175,6 +176,13 @@ def concat(lowranks: Sequence[LowRank], weights: Sequence[float] | None = None) 
     return LowRank(A, B, lowranks[0].kernel_size)
 
 
+def pivot_signs(columns: torch.Tensor) -> torch.Tensor:
+    """The sign (±1) that makes each column's largest-magnitude entry positive: a reproducible sign convention for
+    singular and eigenvectors, which decompositions return with arbitrary signs (zero columns get +1)."""
+    signs = torch.sign(columns[columns.abs().argmax(dim=0), torch.arange(columns.shape[1])])
+    return torch.where(signs == 0, 1.0, signs).to(columns.dtype)
+
+
 def range_basis(matrix: torch.Tensor, *, singular_vectors: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """`(X, R)`: `matrix @ X` has orthonormal columns spanning `matrix`'s columns, and `matrix = (matrix @ X) @ R`.
 
@@ -211,8 +219,7 @@ def range_basis(matrix: torch.Tensor, *, singular_vectors: bool = True) -> tuple
     if not singular_vectors:
         return X_Q, R_Q
     P, S, Vh = torch.linalg.svd(R_Q, full_matrices=False)
-    signs = torch.sign(Vh[torch.arange(keep), Vh.abs().argmax(dim=1)])
-    signs = torch.where(signs == 0, 1.0, signs)
+    signs = pivot_signs(Vh.T)
     return X_Q @ (P * signs), (S * signs)[:, None] * Vh
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import InvalidParameterError
-from ..lowrank import COMPUTE_DTYPE, LowRank
+from ..lowrank import COMPUTE_DTYPE, LowRank, pivot_signs
 from ._registry import register_method
 
 __all__ = ["LoraLegoParams", "cluster_units", "lora_lego", "rank_one_units"]
@@ -75,9 +75,8 @@ def rank_one_units(
     a, b, a_norm, b_norm = a[keep], b[keep], a_norm[keep], b_norm[keep]
     gauge = (b_norm / a_norm).sqrt()
     a, b = a * gauge[:, None], b / gauge[:, None]
-    pivot = a.abs().argmax(dim=1)
-    sign = torch.sign(a[torch.arange(a.shape[0]), pivot])
-    a, b = a * sign[:, None], b * sign[:, None]
+    sign = pivot_signs(a.T)[:, None]
+    a, b = a * sign, b * sign
     root = (a_norm * b_norm).sqrt()[:, None]
     features = torch.cat([a / root, b / root], dim=1) / math.sqrt(2)
     return a, b, features

@@ -36,7 +36,7 @@ import torch
 from ..adapter import Adapter, AdapterMetadata, check_compatible, module_union
 from ..bundle import BundleModule, ReversibleBundle
 from ..errors import IncompatibleAdaptersError, InvalidParameterError
-from ..lowrank import COMPUTE_DTYPE, LowRank, gram, orthonormal_bases
+from ..lowrank import COMPUTE_DTYPE, LowRank, gram, orthonormal_bases, pivot_signs
 from ._registry import register_method
 
 __all__ = ["RmmParams", "rmm", "rmm_module", "task_cores"]
@@ -89,9 +89,7 @@ def rmm_module(
     U_B, U_A, cores = task_cores(updates)
     eigenvalues, vectors = torch.linalg.eigh(gram(updates))
     eigenvalues, vectors = eigenvalues.flip(0), vectors.flip(1)
-    pivot = vectors.abs().argmax(dim=0)
-    signs = torch.sign(vectors[pivot, torch.arange(vectors.shape[1])])
-    vectors = vectors * torch.where(signs == 0, torch.ones_like(signs), signs)
+    vectors = vectors * pivot_signs(vectors)
     top = float(eigenvalues[0]) if eigenvalues.numel() else 0.0
     keep = min(basis_size, int((eigenvalues > _EIGEN_RTOL * top).sum())) if top > 0 else 0
     root = eigenvalues[:keep].sqrt()

@@ -38,7 +38,7 @@ from torch import nn
 from ..adapter import Adapter
 from ..errors import AdapterMergeWarning, InvalidParameterError, NotFittedError
 from ..io._write import atomic_path, save_tensors
-from ..lowrank import COMPUTE_DTYPE, LowRank
+from ..lowrank import COMPUTE_DTYPE, LowRank, pivot_signs
 from ..patterns import find_pattern_key
 from ._peft import adapters_disabled, lora_A_weight, lora_layers, module_key
 
@@ -261,7 +261,8 @@ class OSRM:
             own = torch.outer(own, own) if self.statistic == "mean" else own
             preferred, _ = _eigh_descending(free.T @ own @ free)
             k = min(rank, n - used)
-            rows = _fix_signs(torch.cat([free @ preferred[:, :k], vectors[:, used - (rank - k) : used].flip(1)], 1))
+            rows = torch.cat([free @ preferred[:, :k], vectors[:, used - (rank - k) : used].flip(1)], 1)
+            rows = rows * pivot_signs(rows)
         return rows.T.contiguous()
 
     def init_lora(self, peft_model: nn.Module, *, task: str | None = None, adapter_name: str = "default") -> list[str]:
@@ -355,12 +356,8 @@ def _eigh_descending(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     Each vector's largest-magnitude entry is made positive so the basis is reproducible.
     """
     values, vectors = torch.linalg.eigh(gram)
-    return _fix_signs(vectors.flip(1)), values.flip(0).clamp_min(0)
-
-
-def _fix_signs(columns: torch.Tensor) -> torch.Tensor:
-    signs = torch.sign(columns[columns.abs().argmax(dim=0), torch.arange(columns.shape[1])])
-    return columns * torch.where(signs == 0, 1.0, signs)
+    vectors = vectors.flip(1)
+    return vectors * pivot_signs(vectors), values.flip(0).clamp_min(0)
 
 
 def _adapter_names(model: nn.Module) -> list[str]:
