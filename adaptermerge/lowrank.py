@@ -30,6 +30,7 @@ __all__ = [
     "orthonormal_bases",
     "pivot_signs",
     "range_basis",
+    "stack_factors",
     "svd",
     "truncate",
 ]
@@ -176,6 +177,14 @@ def concat(lowranks: Sequence[LowRank], weights: Sequence[float] | None = None) 
     return LowRank(A, B, lowranks[0].kernel_size)
 
 
+def stack_factors(lowranks: Sequence[LowRank], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(B_cat, A_stk)`: every update's `B` side by side (`out × R`) and every `A` stacked (`R × in`), in `dtype`."""
+    check_same_shape(lowranks)
+    B_cat = torch.cat([lr.B.to(dtype) for lr in lowranks], dim=1)
+    A_stk = torch.cat([lr.A.to(dtype) for lr in lowranks], dim=0)
+    return B_cat, A_stk
+
+
 def pivot_signs(columns: torch.Tensor) -> torch.Tensor:
     """The sign (±1) that makes each column's largest-magnitude entry positive: a reproducible sign convention for
     singular and eigenvectors, which decompositions return with arbitrary signs (zero columns get +1)."""
@@ -284,9 +293,7 @@ def cosine(x: LowRank, y: LowRank) -> torch.Tensor:
 
 def gram(lowranks: Sequence[LowRank]) -> torch.Tensor:
     """The `T × T` Gram matrix of Frobenius inner products of the updates, in float64."""
-    check_same_shape(lowranks)
-    B = torch.cat([lr.B.to(COMPUTE_DTYPE) for lr in lowranks], dim=1)
-    A = torch.cat([lr.A.to(COMPUTE_DTYPE) for lr in lowranks], dim=0)
+    B, A = stack_factors(lowranks, COMPUTE_DTYPE)
     # Entry (p, q) of (BᵀB) ⊙ (AAᵀ) is the inner product of rank-1 units p and q; summing it over each pair of
     # blocks gives every `inner` at once, from one product per side.
     owner = torch.repeat_interleave(torch.arange(len(lowranks)), torch.tensor([lr.rank for lr in lowranks]))
@@ -303,7 +310,5 @@ def orthonormal_bases(lowranks: Sequence[LowRank]) -> tuple[torch.Tensor, torch.
         each stack (at most `min(out, R)`, `min(in, R)`), with :func:`range_basis`'s sign convention so that
         basis-dependent methods (TIES, DARE) are reproducible.
     """
-    check_same_shape(lowranks)
-    B_cat = torch.cat([lr.B.to(COMPUTE_DTYPE) for lr in lowranks], dim=1)
-    A_stk = torch.cat([lr.A.to(COMPUTE_DTYPE) for lr in lowranks], dim=0)
+    B_cat, A_stk = stack_factors(lowranks, COMPUTE_DTYPE)
     return B_cat @ range_basis(B_cat)[0], A_stk.T @ range_basis(A_stk.T)[0]

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from ..errors import InvalidParameterError
-from ..lowrank import COMPUTE_DTYPE, LowRank, check_same_shape, range_basis
+from ..lowrank import COMPUTE_DTYPE, LowRank, check_same_shape, range_basis, stack_factors
 
 __all__ = ["CoreSpace", "align", "check_density", "check_rank", "rank_field", "weight_vector"]
 
@@ -109,9 +109,7 @@ def align(updates: Sequence[LowRank]) -> tuple[CoreSpace, torch.Tensor]:
     dtype = functools.reduce(torch.promote_types, (update.dtype for update in updates))
     if not dtype.is_floating_point:
         dtype = torch.float32
-    work = torch.promote_types(dtype, torch.float32)
-    B_cat = torch.cat([update.B.to(work) for update in updates], dim=1)
-    A_stk = torch.cat([update.A.to(work) for update in updates], dim=0)
+    B_cat, A_stk = stack_factors(updates, torch.promote_types(dtype, torch.float32))
     X_B, R_B = range_basis(B_cat)
     X_A, R_A = range_basis(A_stk.T)
     space = CoreSpace(B_cat, X_B, A_stk, X_A, updates[0].kernel_size, dtype)
