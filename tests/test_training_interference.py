@@ -5,6 +5,9 @@ Three tasks draw the digits in three corners of a 16×16 canvas (disjoint pixels
 MLP pre-trained on the fourth corner, all methods with the same steps and learning rate, merged by a plain sum. Two
 seeds, fewer steps than the benchmark. What the measurements support is asserted; where a method did not beat plain
 training across seeds, the check is a non-strict expected failure whose reason gives the measured cause.
+
+Setting `concept-tokens` (benchmarks/_concept_tokens.py) is the regime orthogonal adaptation was designed for: new
+concept tokens trained together with LoRAs on the cross-attention layers that read them; there it is asserted.
 """
 
 import warnings
@@ -73,3 +76,34 @@ def test_method_interferes_less_than_plain_training(results, method):
     for seed in range(len(SEEDS)):
         assert trained["interference"][seed] < 0.9 * plain["interference"][seed], seed
         assert trained["merged"][seed] > plain["merged"][seed] + 0.01, seed
+
+
+@pytest.fixture(scope="module")
+def concept_results():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return run(SEEDS, setting="concept-tokens", steps=150, methods=("plain", "orthogonal"))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_orthogonal_adaptation_keeps_concept_token_merges_apart_where_plain_loras_interfere(concept_results):
+    """Setting `concept-tokens`: four new concept tokens, each trained with a rank-4 LoRA on `to_k`/`to_v` of a
+    cross-attention detector of width 768, merged by a plain sum and read with each concept's own token.
+
+    The regime orthogonal adaptation was designed for: the gradient that reaches concept `i`'s token through its
+    frozen `lora_A` lies in `A_iᵀ`'s span, so the token grows inside its own block of the shared basis, and a random
+    block reads the shared context tokens with only `sqrt(4 / 768)` of their norm, while plain LoRAs learn to read
+    them. Measured at these settings (150 steps): cross-task change for orthogonal against plain 0.056 / 0.449 and
+    0.098 / 0.221 on seeds 0, 1 (seeds 2-5: 0.263 / 0.431, 0.145 / 0.246, 0.055 / 0.231, 0.048 / 0.217, so at most
+    0.61 of plain's); merged accuracy 0.918 / 0.789 and 0.889 / 0.907, higher on average but not on every seed
+    (seeds 2-5: 0.863 against 0.845 on average, lower on seed 3). The benchmark's 300 steps widen the gap
+    (benchmarks/README.md).
+    """
+    plain, orthogonal = concept_results["plain"], concept_results["orthogonal"]
+    for seed in range(len(SEEDS)):
+        for metrics in (plain, orthogonal):  # both train alone to about the same accuracy (0.92-0.93)
+            assert metrics["individual"][seed] > metrics["base"][seed] + 0.35, seed
+        assert orthogonal["interference"][seed] < 0.8 * plain["interference"][seed], seed
+    assert sum(orthogonal["merged"]) > sum(plain["merged"]) + 0.02 * len(SEEDS)
