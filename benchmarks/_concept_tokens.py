@@ -48,7 +48,7 @@ from __future__ import annotations
 import copy
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -67,6 +67,7 @@ TARGETS = ("to_k", "to_v")
 EMBEDDING_LR = 1e-1
 WEIGHT_DECAY = 0.1
 PRETRAIN_LR = 1e-3
+UpdateFn = Callable[[nn.Module, Adapter | None], nn.Module]  # bench_training.with_update
 
 
 class CrossAttentionDetector(nn.Module):
@@ -206,33 +207,30 @@ def train_concept(
     return adapter, token.detach()
 
 
-def _with_update(backbone: CrossAttentionDetector, adapter: Adapter | None) -> CrossAttentionDetector:
-    model = copy.deepcopy(backbone)
-    if adapter is not None:
-        with torch.no_grad():
-            for name, lowrank in adapter.items():
-                model.get_submodule(name).weight += lowrank.to_dense().float()
-    return model.eval()
+def _accuracy(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    return ((scores > 0).float() == labels).float().mean().item()
 
 
 def evaluate(
     backbone: CrossAttentionDetector,
     trained: dict[int, tuple[Adapter, torch.Tensor]],
     concepts: dict[int, Concept],
+    *,
+    with_update: UpdateFn,
 ) -> dict[str, float]:
     """Base/own/merged accuracy and cross-task output change, averaged over concepts (each read with its token)."""
-    merged = _with_update(backbone, merge_adapters([adapter for adapter, _ in trained.values()], method="linear"))
+    merged = with_update(backbone, merge_adapters([adapter for adapter, _ in trained.values()], method="linear"))
     base, own, joint, change = [], [], [], []
     with torch.no_grad():
         for digit, (adapter, token) in trained.items():
             concept = concepts[digit]
             X = concept.X_test
             f_0 = backbone(X, backbone.prompt(concept.token))
-            f_j = _with_update(backbone, adapter)(X, backbone.prompt(token))
+            f_j = with_update(backbone, adapter)(X, backbone.prompt(token))
             f_m = merged(X, backbone.prompt(token))
-            base.append(((f_0 > 0).float() == concept.y_test).float().mean().item())
-            own.append(((f_j > 0).float() == concept.y_test).float().mean().item())
-            joint.append(((f_m > 0).float() == concept.y_test).float().mean().item())
+            base.append(_accuracy(f_0, concept.y_test))
+            own.append(_accuracy(f_j, concept.y_test))
+            joint.append(_accuracy(f_m, concept.y_test))
             change.append(((f_m - f_j).norm() / (f_j - f_0).norm()).item())
     return {
         "base": statistics.mean(base),
@@ -243,9 +241,15 @@ def evaluate(
 
 
 def run(
-    seeds: Sequence[int], *, steps: int, lr: float, methods: Sequence[str], dim: int = DIM
+    seeds: Sequence[int],
+    *,
+    steps: int,
+    lr: float,
+    methods: Sequence[str],
+    with_update: UpdateFn,
+    dim: int = DIM,
 ) -> dict[str, dict[str, list[float]]]:
-    """Method → metric → list of values, one per seed."""
+    """Method → metric → list of values, one per seed; `with_update(model, adapter)` adds an update to a copy."""
     results: dict[str, dict[str, list[float]]] = {m: {} for m in methods}
     for seed in seeds:
         backbone, concepts = pretrain(seed, dim=dim)
@@ -262,6 +266,6 @@ def run(
                 )
                 for digit, concept in concepts.items()
             }
-            for metric, value in evaluate(backbone, trained, concepts).items():
+            for metric, value in evaluate(backbone, trained, concepts, with_update=with_update).items():
                 results[method].setdefault(metric, []).append(value)
     return results

@@ -168,7 +168,7 @@ def train_adapter(
     return peft_io.from_state_dict(state, config.to_dict(), name=task).materialize()
 
 
-def with_update(backbone: MLP, adapter: Adapter | None) -> MLP:
+def with_update(backbone: nn.Module, adapter: Adapter | None) -> nn.Module:
     """A copy of the backbone with the adapter's update added to its weights (the dense check, tiny layers)."""
     model = copy.deepcopy(backbone)
     if adapter is not None:
@@ -214,7 +214,7 @@ def run(
     """Method → metric → list of values, one per seed."""
     lr = DEFAULT_LR.get(setting, 1e-2) if lr is None else lr
     if setting == "concept-tokens":
-        return concept_tokens.run(seeds, steps=steps, lr=lr, methods=methods)
+        return concept_tokens.run(seeds, steps=steps, lr=lr, methods=methods, with_update=with_update)
     domains, targets = SETTINGS[setting]
     results: dict[str, dict[str, list[float]]] = {m: {} for m in methods}
     for seed in seeds:
