@@ -83,7 +83,7 @@ def concept_results():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return run(SEEDS, setting="concept-tokens", steps=150, methods=("plain", "orthogonal"))
+        return run(SEEDS, setting="concept-tokens", steps=300, methods=("plain", "orthogonal"))
     finally:
         torch.set_num_threads(threads)
 
@@ -94,16 +94,15 @@ def test_orthogonal_adaptation_keeps_concept_token_merges_apart_where_plain_lora
 
     The regime orthogonal adaptation was designed for: the gradient that reaches concept `i`'s token through its
     frozen `lora_A` lies in `A_iᵀ`'s span, so the token grows inside its own block of the shared basis, and a random
-    block reads the shared context tokens with only `sqrt(4 / 768)` of their norm, while plain LoRAs learn to read
-    them. Measured at these settings (150 steps): cross-task change for orthogonal against plain 0.056 / 0.449 and
-    0.098 / 0.221 on seeds 0, 1 (seeds 2-5: 0.263 / 0.431, 0.145 / 0.246, 0.055 / 0.231, 0.048 / 0.217, so at most
-    0.61 of plain's); merged accuracy 0.918 / 0.789 and 0.889 / 0.907, higher on average but not on every seed
-    (seeds 2-5: 0.863 against 0.845 on average, lower on seed 3). The benchmark's 300 steps widen the gap
-    (benchmarks/README.md).
+    block reads the shared context tokens with only about `sqrt(4 / 768)` of their norm, while plain LoRAs learn to
+    read them. Measured with the benchmark's 300 steps: on seeds 0 and 1, cross-task change 0.050 / 0.427 and
+    0.076 / 0.284 (orthogonal / plain), merged accuracy 0.966 / 0.900 and 0.940 / 0.869; over 8 seeds merged
+    accuracy was higher on every seed, by 0.05-0.21, and the cross-task change at most 0.55 of plain's. At 150 steps
+    the gap is narrower and merged accuracy is higher only on average (lower on seeds 1 and 3).
     """
     plain, orthogonal = concept_results["plain"], concept_results["orthogonal"]
     for seed in range(len(SEEDS)):
-        for metrics in (plain, orthogonal):  # both train alone to about the same accuracy (0.92-0.93)
-            assert metrics["individual"][seed] > metrics["base"][seed] + 0.35, seed
-        assert orthogonal["interference"][seed] < 0.8 * plain["interference"][seed], seed
-    assert sum(orthogonal["merged"]) > sum(plain["merged"]) + 0.02 * len(SEEDS)
+        for metrics in (plain, orthogonal):  # both train alone to about the same accuracy (0.94-0.96)
+            assert metrics["individual"][seed] > metrics["base"][seed] + 0.4, seed
+        assert orthogonal["interference"][seed] < 0.6 * plain["interference"][seed], seed
+        assert orthogonal["merged"][seed] > plain["merged"][seed] + 0.03, seed
