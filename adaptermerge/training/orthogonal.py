@@ -11,8 +11,8 @@ block into a peft/diffusers LoRA model and freezes it; :func:`allocation_metadat
 block into the saved adapter's safetensors header, and :func:`check_disjoint` reads it back before a merge and warns
 when blocks overlap or come from different bases.
 
-The guarantee covers inputs inside a concept's own block, which is where it pays off and where it does not
-(`benchmarks/bench_training.py`, the README there has the tables):
+The guarantee covers inputs inside a concept's own block. Whether real inputs stay there decides whether it helps,
+as measured by `benchmarks/bench_training.py` (tables in `benchmarks/README.md`):
 
 - New concept tokens read by cross-attention (`--setting concept-tokens`, the regime of the paper and Mix-of-Show):
   each concept trains its own token embedding with a LoRA on `to_k`/`to_v`. The gradient reaching the token through
