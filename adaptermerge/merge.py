@@ -13,7 +13,7 @@ import dataclasses
 import functools
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -72,7 +72,9 @@ def load_adapters(adapters: Sequence[AdapterLike], *, allow_pickle: bool = False
     return unique
 
 
-def _check_dora(adapter: str, module: str, method: str, base: BaseWeights | None, rank: int | None) -> None:
+def _check_dora(
+    adapter: str, module: str, method: str, base: BaseWeights | Mapping[str, torch.Tensor] | None, rank: int | None
+) -> None:
     """Refuse DoRA merges that cannot be exact, naming the adapter, the module and what to change."""
     where = f"adapter {adapter!r} is DoRA (module {module!r})"
     if method != "linear":
@@ -94,7 +96,7 @@ def merge_adapters(
     dtype: torch.dtype | None = None,
     adapter_name: str = "merged",
     allow_pickle: bool = False,
-    base: str | Path | None = None,
+    base: str | Path | Mapping[str, torch.Tensor] | None = None,
     num_workers: int | None = None,
     progressbar: bool = False,
     **params: Any,
@@ -111,8 +113,9 @@ def merge_adapters(
         dtype (`torch.dtype`, *optional*): the output dtype; the first adapter's by default.
         adapter_name (`str`, defaults to `"merged"`): the name of the result.
         allow_pickle (`bool`, defaults to `False`): allow reading pickle checkpoints.
-        base (`str` or `Path`, *optional*): the base model (folder, file or hub id), read one layer at a time. DoRA
-            modules need it: their updates depend on `W0`, and with it the `linear` merge is exact (see
+        base (`str`, `Path` or mapping, *optional*): the base model (folder, file or hub id), read one layer at a
+            time, or a mapping from module name to its base weight `W0` (such as a loaded model's). DoRA modules
+            need it: their updates depend on `W0`, and with it the `linear` merge is exact (see
             `adaptermerge.methods.dora`). Without it, merging DoRA adapters is refused rather than approximated.
         num_workers (`int`, *optional*): threads merging modules side by side; one per core (at most 8) by default.
         progressbar (`bool`, defaults to `False`): show a progress bar over modules.
@@ -142,7 +145,7 @@ def merge_adapters(
     modules = module_union(loaded)
     check_compatible(loaded, modules)
     out_dtype = dtype or loaded[0].metadata.dtype
-    base_weights = BaseWeights(base) if base is not None else None
+    base_weights = base if base is None or isinstance(base, Mapping) else BaseWeights(base)
 
     def merge_module(module: str) -> LowRank | None:
         pairs = [(a, resolve(module)) for a, resolve in zip(loaded, resolvers) if module in a]

@@ -4,9 +4,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from adaptermerge import load_adapter, merge_adapters, save_adapter
+from adaptermerge import load_adapter, load_merged_adapters, merge_adapters, save_adapter, set_merge_weights
 from adaptermerge.cli import main
-from adaptermerge.errors import IncompatibleAdaptersError
+from adaptermerge.errors import IncompatibleAdaptersError, InvalidParameterError
 from tests.tiny_models import LLAMA_TARGETS, randomize_lora_B, tiny_llama
 
 peft = pytest.importorskip("peft")
@@ -112,3 +112,33 @@ def test_wrong_base_model_names_the_module(files, tmp_path):
     LlamaForCausalLM(config).save_pretrained(str(tmp_path / "other"))
     with pytest.raises(IncompatibleAdaptersError, match="wrong base model"):
         merge_adapters([files["dora1"]], base=tmp_path / "other")
+
+
+@pytest.mark.parametrize("host", ["transformers", "peft"])
+def test_load_merged_adapters_merges_dora_with_the_models_own_weights(files, host):
+    """A loaded model holds `W0`, so `load_merged_adapters` merges DoRA adapters exactly without a `base` path,
+    also into a PeftModel whose layers a LoRA already wraps (their `base_layer` is `W0`)."""
+    weights = [0.6, -0.3, 0.5]
+    paths = [files["dora1"], files["dora2"], files["lora"]]
+    reference = files["root"] / f"reference_{host}"
+    save_adapter(merge_adapters(paths, weights, base=files["base"]), reference, format="peft", overwrite=True)
+    ids = torch.arange(12)[None]
+    with torch.no_grad():
+        expected = peft.PeftModel.from_pretrained(tiny_llama(), str(reference))(ids).logits
+    model = tiny_llama()
+    if host == "peft":
+        model = peft.PeftModel.from_pretrained(model, str(files["lora"]))
+    merged = load_merged_adapters(model, paths, weights)
+    assert all(update.magnitude is not None for update in merged.values())
+    with torch.no_grad():
+        got = model(ids).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    with pytest.raises(InvalidParameterError, match="DoRA merge's magnitudes depend on the weights"):
+        set_merge_weights(model, [1.0, 1.0, 1.0])
+
+
+def test_a_dora_merge_into_a_model_with_a_fused_adapter_is_refused(files):
+    model = peft.PeftModel.from_pretrained(tiny_llama(), str(files["lora"]))
+    model.merge_adapter()  # folds `lora` into the base weights: they are no longer W0
+    with pytest.raises(IncompatibleAdaptersError, match=r"fused into its weight.*unmerge_adapter"):
+        load_merged_adapters(model, [files["dora1"], files["dora2"]])

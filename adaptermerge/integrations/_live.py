@@ -10,7 +10,7 @@ weight zeroes its block instead of dropping it, so the layers keep their shape.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +22,7 @@ from ..lowrank import LowRank, concat
 from ..merge import AdapterLike, load_adapters, merge_adapters
 from ..weights import Weight, check_weights
 
-__all__ = ["LiveMerge", "build_merge", "check_host_modules"]
+__all__ = ["HostWeights", "LiveMerge", "build_merge", "check_host_modules"]
 
 logger = logging.getLogger(__name__)
 LIVE_ATTRIBUTE = "_adaptermerge_live"
@@ -88,6 +88,42 @@ class LiveMerge:
         return weight.view(weight.shape[0], weight.shape[1])
 
 
+class HostWeights(Mapping[str, torch.Tensor]):
+    """A loaded host's base weights `W0` for the modules of a merge, the `base` of DoRA merges.
+
+    A layer that a LoRA already wraps gives its `base_layer`'s weight: the host's own weight without any adapter.
+
+    Args:
+        find (`Callable[[str], torch.nn.Module | None]`): the host's layer for a module name, None when absent.
+        modules (`Sequence[str]`): the module names the merge covers.
+    """
+
+    def __init__(self, find: Callable[[str], torch.nn.Module | None], modules: Sequence[str]) -> None:
+        self._find = find
+        self._modules = list(modules)
+
+    def __getitem__(self, module: str) -> torch.Tensor:
+        if module not in self._modules:
+            raise KeyError(module)
+        layer = self._find(module)
+        fused = list(getattr(layer, "merged_adapters", ()))
+        if fused:
+            raise IncompatibleAdaptersError(
+                f"module {module!r} has adapter(s) {fused} fused into its weight, which is then not the base weight a "
+                "DoRA merge needs; unmerge them first (peft: unmerge_adapter(), diffusers: unfuse_lora())"
+            )
+        weight = getattr(getattr(layer, "base_layer", layer), "weight", None)
+        if not isinstance(weight, torch.Tensor):
+            raise IncompatibleAdaptersError(f"the host has no weight for module {module!r}; is it the adapters' base?")
+        return weight.detach()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._modules)
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+
 def build_merge(
     adapters: Sequence[AdapterLike],
     weights: Sequence[Weight] | None,
@@ -96,18 +132,22 @@ def build_merge(
     adapter_name: str,
     dtype: torch.dtype | None,
     params: dict[str, Any],
+    find: Callable[[str], torch.nn.Module | None] | None = None,
 ) -> tuple[Adapter, LiveMerge | None]:
     """The merged adapter to load and, for a plain `linear` merge, the state that re-weights it live.
 
     `linear` without `rank` concatenates every adapter that has a module, zero weights included (as zero blocks),
-    so later weights can be written into the same layers. Every other method goes through :func:`merge_adapters`.
+    so later weights can be written into the same layers. Every other method goes through :func:`merge_adapters`,
+    and so do DoRA adapters: their merged magnitudes depend on the weights and on `W0`, which `find` (the host's
+    layer for a module name) supplies from the host itself.
     """
-    if method != "linear" or params:
-        merged = merge_adapters(adapters, weights, method, dtype=dtype, adapter_name=adapter_name, **params)
-        return merged, None
     loaded = load_adapters(adapters)
-    resolvers = check_weights(weights, len(loaded))
     modules = module_union(loaded)
+    base = None if find is None else HostWeights(find, modules)
+    if method != "linear" or params:
+        merged = merge_adapters(loaded, weights, method, dtype=dtype, adapter_name=adapter_name, base=base, **params)
+        return merged, None
+    resolvers = check_weights(weights, len(loaded))
     check_compatible(loaded, modules)
     out_dtype = dtype or loaded[0].metadata.dtype
     sources: dict[str, list[tuple[int, torch.Tensor]]] = {}
@@ -115,7 +155,8 @@ def build_merge(
     for module in modules:
         pairs = [(i, a[module].to(out_dtype)) for i, a in enumerate(loaded) if module in a]
         if any(update.magnitude is not None for _, update in pairs):
-            raise IncompatibleAdaptersError(f"module {module!r} is a DoRA module; linear merges plain LoRA only")
+            merged_dora = merge_adapters(loaded, weights, method, dtype=dtype, adapter_name=adapter_name, base=base)
+            return merged_dora, None
         sources[module] = [(i, update.B) for i, update in pairs]
         merged[module] = concat([u for _, u in pairs], [resolvers[i](module) for i, _ in pairs]).to(out_dtype)
     first = loaded[0].metadata
@@ -172,8 +213,8 @@ def set_merge_weights(host: Any, weights: Sequence[Weight], *, adapter_name: str
     if live is None:
         raise InvalidParameterError(
             f"no live linear merge named {adapter_name!r} on this {type(host).__name__}; only "
-            "load_merged_adapters(..., method='linear') without rank= can be re-weighted in place. Call "
-            "load_merged_adapters again with the new weights for other methods"
+            "load_merged_adapters(..., method='linear') of plain LoRAs without rank= can be re-weighted in place "
+            "(a DoRA merge's magnitudes depend on the weights). Call load_merged_adapters again with the new weights"
         )
     live.set_weights(weights)
     logger.debug("re-weighted %s: %d modules", adapter_name, len(live.sources))

@@ -9,6 +9,7 @@ is an ordinary peft LoRA adapter afterwards: `set_adapter`, `disable_adapters`, 
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -53,6 +54,10 @@ def _load_into_transformers_model(model: Any, state_dict: dict, config: dict, ad
 
     if getattr(model, "_hf_peft_config_loaded", False) and adapter_name in model.peft_config:
         model.delete_adapter(adapter_name)
+    # transformers renames `<layer>.lora_magnitude_vector` (peft's file key) to a key without `.weight` and then drops
+    # it as unexpected, leaving DoRA magnitudes at their initial values; the explicit `.weight` key is renamed right
+    suffix = ".lora_magnitude_vector"
+    state_dict = {(f"{key}.weight" if key.endswith(suffix) else key): value for key, value in state_dict.items()}
     model.load_adapter(adapter_name=adapter_name, peft_config=LoraConfig(**config), adapter_state_dict=state_dict)
     model.set_adapter(adapter_name)
 
@@ -76,8 +81,11 @@ def load_into_model(
     is_peft = isinstance(model, PeftModel)
     base = model.get_base_model() if is_peft else model
     dtype = dtype or base.dtype
-    merged, live = build_merge(adapters, weights, method, adapter_name=adapter_name, dtype=dtype, params=params)
-    check_host_modules(merged, lambda m: _find(base, m), type(base).__name__)
+    find = functools.partial(_find, base)
+    merged, live = build_merge(
+        adapters, weights, method, adapter_name=adapter_name, dtype=dtype, params=params, find=find
+    )
+    check_host_modules(merged, find, type(base).__name__)
     state_dict, config = peft_io.to_state_dict(merged, dtype)
     config = {k: v for k, v in config.items() if k != "peft_type"}
     if is_peft:
