@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import adaptermerge
-from adaptermerge import Adapter, LowRank, load_merged_adapters, save_adapter, set_merge_weights
+from adaptermerge import Adapter, LowRank, load_merged_adapters, merge_adapters, save_adapter, set_merge_weights
 from adaptermerge.errors import IncompatibleAdaptersError, InvalidParameterError
 
 from .tiny_models import save_random_pipeline_lora, tiny_sd_pipeline
@@ -226,3 +226,23 @@ def test_conv_loras_merge_and_reweight_like_diffusers(tmp_path, inputs):
     load_merged_adapters(pipe, loras, [1.0, 1.0])
     set_merge_weights(pipe, [0.5, -1.0])
     assert_outputs_close(outputs(pipe, inputs), outputs(host_combination(loras, [0.5, -1.0]), inputs))
+
+
+def test_dora_loras_merge_with_the_pipelines_own_weights(tmp_path, inputs):
+    """The pipeline holds `W0`, so DoRA LoRAs merge exactly without a base path: the same as merging with the saved
+    pipeline folder as `base` and loading that file with diffusers."""
+    pipe = tiny_sd_pipeline()
+    doras = [
+        save_random_pipeline_lora(pipe, tmp_path / f"dora{i}", seed=i, rank=2 + i, text_encoder=False, use_dora=True)
+        for i in range(2)
+    ]
+    pipe.save_pretrained(str(tmp_path / "base"))
+    reference = merge_adapters(doras, [0.7, -0.4], base=tmp_path / "base")
+    expected = tiny_sd_pipeline()
+    expected.load_lora_weights(str(save_adapter(reference, tmp_path / "reference", format="diffusers")))
+    base_outputs = outputs(pipe, inputs)
+    merged = load_merged_adapters(pipe, doras, [0.7, -0.4])
+    assert all(update.magnitude is not None for update in merged.values())
+    got = outputs(pipe, inputs)
+    assert_outputs_close(got, outputs(expected, inputs))
+    assert (got[1] - base_outputs[1]).abs().max() > 1e-3  # the merge changed the UNet's output

@@ -158,11 +158,13 @@ def save_random_pipeline_lora(
     text_encoder: bool = True,
     rank_pattern: dict[str, int] | None = None,
     with_metadata: bool = True,
+    use_dora: bool = False,
 ) -> Path:
     """Write a random LoRA for `pipe` (not modified) with the pipeline class's own `save_lora_weights`.
 
     Adapts the UNet (`unet_targets`, attention layers by default) and, when `text_encoder`, every text encoder's
-    attention and MLP. Returns the folder holding `pytorch_lora_weights.safetensors`.
+    attention and MLP; `use_dora` makes it DoRA, with magnitudes moved off their initial row norms. Returns the
+    folder holding `pytorch_lora_weights.safetensors`.
     """
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
@@ -174,9 +176,16 @@ def save_random_pipeline_lora(
     for offset, component in enumerate(components):
         model = copy.deepcopy(getattr(pipe, component))
         targets = (unet_targets or UNET_ATTENTION_TARGETS) if component == "unet" else TEXT_ENCODER_TARGETS
-        config = LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=targets, rank_pattern=rank_pattern or {})
+        config = LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=targets, use_dora=use_dora)
+        config.rank_pattern = rank_pattern or {}
         model.add_adapter(config)
         randomize_lora_B(model, seed=seed + offset)
+        if use_dora:
+            generator = torch.Generator().manual_seed(seed + offset)
+            with torch.no_grad():
+                for name, param in model.named_parameters():
+                    if "lora_magnitude_vector" in name:
+                        param.mul_(1 + 0.3 * torch.rand(param.shape, generator=generator))
         layers[f"{component}_lora_layers"] = get_peft_model_state_dict(model)
         if with_metadata:
             metadata[f"{component}_lora_adapter_metadata"] = config.to_dict()

@@ -58,8 +58,7 @@ def load_merged_adapters(
     The merged adapter goes through the host's own loader (diffusers `load_lora_weights`, transformers
     `load_adapter`, peft `add_adapter`), becomes the active adapter, and replaces any adapter named `adapter_name`.
     A `linear` merge of plain LoRAs without `rank` can then be re-weighted in place with :func:`set_merge_weights`.
-    On a transformers or peft model, DoRA adapters merge exactly with the model's own base weights (no `base` path
-    needed); diffusers pipelines refuse them.
+    DoRA adapters merge exactly with the host's own base weights (no `base` path needed).
 
     Args:
         host: a diffusers pipeline with LoRA support, a transformers `PreTrainedModel` or a peft `PeftModel`.

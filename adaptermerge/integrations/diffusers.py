@@ -9,6 +9,7 @@ the merged adapter, which is one ordinary LoRA named `adapter_name`.
 
 from __future__ import annotations
 
+import functools
 import logging
 import tempfile
 from collections.abc import Sequence
@@ -68,8 +69,11 @@ def load_into_pipeline(
     An adapter already loaded under `adapter_name` is replaced. See :func:`adaptermerge.load_merged_adapters`.
     """
     dtype = dtype or _pipeline_dtype(pipe)
-    merged, live = build_merge(adapters, weights, method, adapter_name=adapter_name, dtype=dtype, params=params)
-    check_host_modules(merged, lambda m: find_pipeline_module(pipe, m), type(pipe).__name__)
+    find = functools.partial(find_pipeline_module, pipe)
+    merged, live = build_merge(
+        adapters, weights, method, adapter_name=adapter_name, dtype=dtype, params=params, find=find
+    )
+    check_host_modules(merged, find, type(pipe).__name__)
     loaded = {name for names in pipe.get_list_adapters().values() for name in names}
     if adapter_name in loaded:
         pipe.delete_adapters(adapter_name)

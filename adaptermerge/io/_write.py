@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..errors import OutputExistsError
+from ..lowrank import LowRank
 
 
 def check_writable(path: Path, overwrite: bool) -> None:
@@ -47,6 +48,12 @@ def atomic_path(path: str | Path, *, overwrite: bool = False, directory: bool = 
             os.replace(target, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def magnitude_tensor(lowrank: LowRank, dtype: torch.dtype) -> torch.Tensor:
+    """A DoRA module's `lora_magnitude_vector` as peft holds it: `(out,)`, or `(1, out, 1, 1)` for a conv layer."""
+    magnitude = lowrank.magnitude.to(dtype)
+    return magnitude.reshape(1, -1, *([1] * len(lowrank.kernel_size))) if lowrank.kernel_size else magnitude
 
 
 def save_tensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata: Mapping[str, str] | None) -> None:

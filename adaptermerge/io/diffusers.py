@@ -31,7 +31,7 @@ from ..adapter import DIFFUSION_COMPONENTS, Adapter
 from ..errors import AdapterFormatError
 from ..patterns import find_pattern_key
 from ._source import DictSource, ModuleEntry, TensorSource, lazy_adapter, open_source, take_unused
-from ._write import atomic_path, provenance_metadata, save_tensors
+from ._write import atomic_path, magnitude_tensor, provenance_metadata, save_tensors
 
 FORMAT = "diffusers"
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
@@ -210,7 +210,7 @@ def to_state_dict(adapter: Adapter, dtype: torch.dtype | None = None) -> tuple[d
         tensors[f"{name}.lora_B.weight"] = up
         component, module = split_component(name)
         if lowrank.magnitude is not None:
-            tensors[f"{name}.lora_magnitude_vector"] = lowrank.magnitude.to(dtype)
+            tensors[f"{name}.lora_magnitude_vector"] = magnitude_tensor(lowrank, dtype)
             dora.add(component)
         ranks.setdefault(component, {})[module] = lowrank.rank
     if not tensors:

@@ -22,7 +22,7 @@ from ..adapter import Adapter
 from ..errors import AdapterFormatError
 from ..patterns import anchored, find_pattern_key
 from ._source import DictSource, ModuleEntry, TensorSource, lazy_adapter, open_source, take_unused
-from ._write import atomic_path, provenance_metadata, save_tensors
+from ._write import atomic_path, magnitude_tensor, provenance_metadata, save_tensors
 
 FORMAT = "peft"
 CONFIG_NAME = "adapter_config.json"
@@ -134,10 +134,7 @@ def to_state_dict(adapter: Adapter, dtype: torch.dtype | None = None) -> tuple[d
         tensors[f"{PREFIX}{name}.lora_A.weight"] = down
         tensors[f"{PREFIX}{name}.lora_B.weight"] = up
         if lowrank.magnitude is not None:
-            magnitude = lowrank.magnitude.to(dtype)
-            if lowrank.kernel_size:  # peft keeps a conv magnitude as (1, out, 1, 1)
-                magnitude = magnitude.reshape(1, -1, *([1] * len(lowrank.kernel_size)))
-            tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = magnitude
+            tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = magnitude_tensor(lowrank, dtype)
         ranks[name] = lowrank.rank
     if not ranks:
         raise AdapterFormatError(f"adapter {adapter.name!r} has no modules to write")
