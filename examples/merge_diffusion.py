@@ -69,7 +69,7 @@ def main() -> None:
         if args.model:
             from diffusers import DiffusionPipeline
 
-            pipe = DiffusionPipeline.from_pretrained(args.model, torch_dtype=torch.float16)
+            pipe = DiffusionPipeline.from_pretrained(args.model, dtype=torch.float16)
             pipe.to("cuda" if torch.cuda.is_available() else "cpu")
             adapters = args.adapters or parser.error("--adapters is required with --model")
             steps, size = args.steps, None

@@ -71,7 +71,7 @@ def main() -> None:
         if args.model:
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
-            model = AutoModelForCausalLM.from_pretrained(args.model, torch_dtype="auto")
+            model = AutoModelForCausalLM.from_pretrained(args.model, dtype="auto")
             tokenizer = AutoTokenizer.from_pretrained(args.model)
             adapters = args.adapters or parser.error("--adapters is required with --model")
         else:

@@ -77,14 +77,19 @@ def host_render(folders):
     pipe.load_lora_weights(str(folders / "adapters" / "smudge"), adapter_name="smudge")
     pipe.load_lora_weights(str(folders / "adapters" / "sparkle" / "sparkle.safetensors"), adapter_name="sparkle")
 
-    @torch.no_grad()
     def render(weights):
         pipe.set_adapters(["smudge", "sparkle"], weights)
-        generator = torch.Generator().manual_seed(0)
-        image = pipe(PROMPT, num_inference_steps=STEPS, height=SIZE, width=SIZE, generator=generator, output_type="np")
-        return (np.clip(image.images[0], 0.0, 1.0) * 255).round().astype(int)
+        return diffusers_image(pipe)
 
     return render
+
+
+@torch.no_grad()
+def diffusers_image(pipe):
+    """The image of `pipe` with the page's prompt, steps, size and seed, as integers in [0, 255]."""
+    generator = torch.Generator().manual_seed(0)
+    image = pipe(PROMPT, num_inference_steps=STEPS, height=SIZE, width=SIZE, generator=generator, output_type="np")
+    return (np.clip(image.images[0], 0.0, 1.0) * 255).round().astype(int)
 
 
 def test_pipeline_folders_are_told_from_other_bases(folders, tmp_path):
@@ -162,3 +167,38 @@ def test_uploads_are_checked_against_the_pipeline_and_join_the_live_merge(client
     weights = [0.0, 0.0, 1.0] + [0.0] * (MAX_ADAPTERS - 3)
     _, image_path, _, _ = client.predict("linear", *weights, *NO_PARAMS, "", api_name="/preview")
     assert np.abs(np.asarray(Image.open(image_path).convert("RGB")).astype(int) - base).mean() > 2
+
+
+def test_dora_adapters_preview_and_export_their_exact_merge(folders, tmp_path):
+    """DoRA LoRAs cannot be re-weighted in place (their magnitudes depend on the weights): each slider move merges
+    them with the pipeline's own base weights. The image equals diffusers rendering the merge of the same adapters
+    with the saved pipeline as `base`, and the export holds that merge; advanced weights are refused for them."""
+    from diffusers import DiffusionPipeline
+
+    from adaptermerge import load_adapter, merge_adapters
+    from adaptermerge.errors import InvalidParameterError
+    from adaptermerge.ui.diffusion import PipelinePreview, load_pipeline
+    from adaptermerge.ui.workbench import Workbench, export
+
+    pipe = load_pipeline(str(folders / "base"))
+    paths = [
+        save_random_pipeline_lora(pipe, tmp_path / f"dora{i}", seed=i, rank=2, text_encoder=False, use_dora=True)
+        for i in range(2)
+    ]
+    preview = PipelinePreview(pipe, steps=STEPS, size=SIZE, prompt=PROMPT, threads=1)
+    bench = Workbench([load_adapter(path) for path in paths], preview=preview, threads=1)
+    weights = [0.8, -0.5]
+    image = bench.show(weights, "linear", {})
+
+    reference = merge_adapters(paths, weights, base=folders / "base")
+    expected = DiffusionPipeline.from_pretrained(str(folders / "base"))
+    expected.set_progress_bar_config(disable=True)
+    expected.load_lora_weights(str(save_adapter(reference, tmp_path / "reference", format="diffusers")))
+    assert np.abs(image.astype(int) - diffusers_image(expected)).max() <= 2
+    assert np.abs(image.astype(int) - bench.show([0.0, 0.0], "linear", {}).astype(int)).mean() > 1
+
+    exported = load_adapter(export(bench, weights, "linear", {}, "diffusers"))
+    for module, update in reference.items():
+        torch.testing.assert_close(exported[module].magnitude, update.magnitude.float(), rtol=1e-5, atol=1e-6)
+    with pytest.raises(InvalidParameterError, match="DoRA"):
+        bench.show(weights, "linear", {}, {bench.names[0]: {"default": 0.5}})

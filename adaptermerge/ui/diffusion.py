@@ -22,7 +22,7 @@ import json
 import logging
 import tempfile
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +83,7 @@ def load_pipeline(base: str) -> Any:
 
     cuda = torch.cuda.is_available()
     try:
-        pipe = DiffusionPipeline.from_pretrained(base, torch_dtype=torch.float16 if cuda else torch.float32)
+        pipe = DiffusionPipeline.from_pretrained(base, dtype=torch.float16 if cuda else torch.float32)
     except (OSError, ValueError, TypeError) as err:
         raise AdapterMergeError(f"cannot load diffusers pipeline {base!r}: {err}") from None
     if not hasattr(pipe, "load_lora_weights"):
@@ -145,6 +145,13 @@ class PipelinePreview:
         from ..integrations.diffusers import find_pipeline_module
 
         check_host_modules(adapter, lambda module: find_pipeline_module(self.pipe, module), type(self.pipe).__name__)
+
+    def base_weights(self, modules: Sequence[str]) -> Mapping[str, torch.Tensor]:
+        """The pipeline's own base weights `W0` of `modules`: what a DoRA merge needs (no file is read)."""
+        from ..integrations._live import HostWeights
+        from ..integrations.diffusers import find_pipeline_module
+
+        return HostWeights(functools.partial(find_pipeline_module, self.pipe), modules)
 
     def load(self, adapters: Sequence[Adapter]) -> None:
         """Load `adapters` as the live linear merge `mix`, all weights zero (replacing an earlier one).

@@ -156,14 +156,22 @@ class Workbench:
             if spec is None:
                 chosen.append((adapter, float(weight)))
                 continue
+            if _is_dora(adapter):
+                raise InvalidParameterError(
+                    f"advanced weights of {adapter.name!r}: a DoRA adapter's update is not its factors times a "
+                    "weight, so per-module weights are not folded into it; use its slider"
+                )
             self.resolve(adapter, spec)
             scaled = adapter.with_modules({m: u.scale(float(weight)) for m, u in adapter.items()})
             chosen.append((scaled, spec))
         if not chosen:
             return None
         adapters, chosen_weights = zip(*chosen)
+        base = None
+        if isinstance(self.preview_fn, PipelinePreview) and any(_is_dora(a) for a in adapters):
+            base = self.preview_fn.base_weights(module_union(list(adapters)))
         with torch_threads(self.threads):
-            return merge_adapters(list(adapters), list(chosen_weights), method, **params)
+            return merge_adapters(list(adapters), list(chosen_weights), method, base=base, **params)
 
     def folded(self, specs: Mapping[str, Mapping[str, Any]] | None = None) -> list[Adapter]:
         """Every adapter with its advanced weight folded into its factors (`w(m) ΔW_m`), in slider order.
@@ -197,14 +205,16 @@ class Workbench:
     ) -> str | np.ndarray:
         """The preview of a merge: HTML (see :meth:`preview`), or an image (`uint8`, `(H, W, 3)`) for a pipeline.
 
-        A `linear` merge without parameters on a :class:`PipelinePreview` is not computed here: the pipeline's
-        loaded merge is re-weighted in place. Everything else is merged by :meth:`merge`, then previewed.
+        A `linear` merge of plain LoRAs without parameters on a :class:`PipelinePreview` is not computed here: the
+        pipeline's loaded merge is re-weighted in place. Everything else, DoRA adapters included (merged with the
+        pipeline's own base weights), is merged by :meth:`merge`, then previewed.
 
         Raises:
             AdapterMergeError: for bad parameters or advanced weights, with a message for the page.
         """
         weights = [float(w) for w in weights[: len(self.adapters)]]
-        if isinstance(self.preview_fn, PipelinePreview) and method == "linear" and not params:
+        live = not any(_is_dora(a) for a in self.adapters)  # a DoRA merge's magnitudes depend on the weights
+        if isinstance(self.preview_fn, PipelinePreview) and method == "linear" and not params and live:
             folded = self.folded(specs)
             with torch_threads(self.threads):
                 return self.preview_fn.reweight(folded, weights)
@@ -279,6 +289,10 @@ class Workbench:
         weighted = "sliders × advanced weights" if specs else "sliders"
         note = f"cosine of the weighted updates ({weighted}) over all modules; red: aligned, blue: opposed"
         return f"<table class='am-heatmap'>{''.join(cells)}</table><p>{note}</p>"
+
+
+def _is_dora(adapter: Adapter) -> bool:
+    return any(update.magnitude is not None for update in adapter.values())
 
 
 def _module_inners(x: Adapter, y: Adapter, modules: Mapping[str, int]) -> torch.Tensor:
