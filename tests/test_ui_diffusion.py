@@ -177,16 +177,17 @@ def test_dora_adapters_preview_and_export_their_exact_merge(folders, tmp_path):
 
     from adaptermerge import load_adapter, merge_adapters
     from adaptermerge.errors import InvalidParameterError
-    from adaptermerge.ui.diffusion import PipelinePreview, load_pipeline
-    from adaptermerge.ui.workbench import Workbench, export
+    from adaptermerge.ui.workbench import export, make_workbench
 
-    pipe = load_pipeline(str(folders / "base"))
+    pipe = DiffusionPipeline.from_pretrained(str(folders / "base"))
     paths = [
-        save_random_pipeline_lora(pipe, tmp_path / f"dora{i}", seed=i, rank=2, text_encoder=False, use_dora=True)
+        save_random_pipeline_lora(
+            pipe, tmp_path / "doras" / f"dora{i}", seed=i, rank=2, text_encoder=False, use_dora=True
+        )
         for i in range(2)
     ]
-    preview = PipelinePreview(pipe, steps=STEPS, size=SIZE, prompt=PROMPT, threads=1)
-    bench = Workbench([load_adapter(path) for path in paths], preview=preview, threads=1)
+    bench = make_workbench(str(folders / "base"), tmp_path / "doras", steps=STEPS, size=SIZE)
+    assert bench.names == ["dora0", "dora1"]
     weights = [0.8, -0.5]
     image = bench.show(weights, "linear", {})
 

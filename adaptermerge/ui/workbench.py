@@ -348,7 +348,8 @@ def make_workbench(
         return Workbench(adapters, preview=TextPreview(base))
     preview = PipelinePreview(load_pipeline(base), steps=steps, size=size, prompt="a photo of a cat")
     bench = Workbench(adapters, preview=preview)
-    preview.load(bench.adapters)  # now rather than at the first slider move
+    if not any(_is_dora(a) for a in bench.adapters):  # DoRA adapters are merged per preview, never loaded live
+        preview.load(bench.adapters)  # now rather than at the first slider move
     return bench
 
 
