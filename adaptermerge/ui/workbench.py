@@ -168,7 +168,7 @@ class Workbench:
             return None
         adapters, chosen_weights = zip(*chosen)
         base = None
-        if isinstance(self.preview_fn, PipelinePreview) and any(_is_dora(a) for a in adapters):
+        if isinstance(self.preview_fn, PipelinePreview | TextPreview) and any(_is_dora(a) for a in adapters):
             base = self.preview_fn.base_weights(module_union(list(adapters)))
         with torch_threads(self.threads):
             return merge_adapters(list(adapters), list(chosen_weights), method, base=base, **params)
@@ -356,8 +356,9 @@ def make_workbench(
 class TextPreview:
     """Greedy text from a causal LM with the merged update added to its weights (restored before the next merge).
 
-    The model is loaded once; a preview adds each merged module's `ΔW` to the matching Linear weight in place, so
-    nothing is re-read or rebuilt when a slider moves.
+    The model is loaded once; a preview adds each merged module's `ΔW` to the matching Linear weight in place (a
+    DoRA module sets the weight to `m ⊙ (W0 + ΔW) / ‖W0 + ΔW‖_row`), so nothing is re-read or rebuilt when a slider
+    moves. Its weights before any preview are the `W0` that DoRA merges use.
 
     Args:
         base (`str`): a local folder or hub id that `transformers.AutoModelForCausalLM` and `AutoTokenizer` read.
@@ -385,6 +386,14 @@ class TextPreview:
                 return candidate
         raise AdapterMergeError(f"adapter module {name!r} is not a Linear layer of the base model; wrong --base?")
 
+    def base_weights(self, modules: Sequence[str]) -> dict[str, torch.Tensor]:
+        """The model's own base weights `W0` of `modules` (before any preview changed them), for DoRA merges."""
+        weights = {}
+        for name in modules:
+            key = self._key(name)
+            weights[name] = self.originals.get(key, self.linears[key].weight.detach())
+        return weights
+
     @torch.no_grad()
     def __call__(self, merged: Adapter | None) -> str:
         for name, original in self.originals.items():
@@ -392,8 +401,11 @@ class TextPreview:
         for name, update in (merged or {}).items():
             key = self._key(name)
             module = self.linears[key]
-            self.originals.setdefault(key, module.weight.detach().clone())
-            module.weight.add_(update.to_dense().reshape(module.weight.shape).to(module.weight.dtype))
+            W0 = self.originals.setdefault(key, module.weight.detach().clone())
+            weight = W0.double() + update.to_dense().reshape(W0.shape)
+            if update.magnitude is not None:  # DoRA: each row rescaled to its magnitude
+                weight = weight * (update.magnitude.double() / weight.norm(dim=1))[:, None]
+            module.weight.copy_(weight.to(module.weight.dtype))
         inputs = self.tokenizer(self.prompt, return_tensors="pt")
         output = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
         return self.prompt + " → " + self.tokenizer.decode(output[0, inputs["input_ids"].shape[1] :])
