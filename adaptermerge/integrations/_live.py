@@ -100,7 +100,7 @@ class HostWeights(Mapping[str, torch.Tensor]):
 
     def __init__(self, find: Callable[[str], torch.nn.Module | None], modules: Sequence[str]) -> None:
         self._find = find
-        self._modules = list(modules)
+        self._modules = dict.fromkeys(modules)  # ordered, with constant-time membership
 
     def __getitem__(self, module: str) -> torch.Tensor:
         if module not in self._modules:
