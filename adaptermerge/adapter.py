@@ -74,6 +74,11 @@ class Adapter(Mapping[str, LowRank]):
     def num_parameters(self) -> int:
         return sum(lr.num_parameters for lr in self.values())
 
+    @property
+    def is_dora(self) -> bool:
+        """Whether any module is DoRA (carries a magnitude vector)."""
+        return any(lr.magnitude is not None for lr in self.values())
+
     def with_modules(self, modules: Mapping[str, LowRank], **metadata: Any) -> Adapter:
         """A new adapter with other modules and, optionally, changed metadata fields."""
         return replace(self, modules=modules, metadata=replace(self.metadata, **metadata))

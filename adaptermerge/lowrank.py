@@ -171,10 +171,9 @@ def concat(lowranks: Sequence[LowRank], weights: Sequence[float] | None = None) 
     weights = [1.0] * len(lowranks) if weights is None else list(weights)
     if len(weights) != len(lowranks):
         raise IncompatibleAdaptersError(f"got {len(weights)} weights for {len(lowranks)} updates")
-    dtype = torch.promote_types(lowranks[0].dtype, torch.float32)
-    A = torch.cat([lr.A.to(dtype) for lr in lowranks], dim=0)
-    B = torch.cat([lr.B.to(dtype) * w for lr, w in zip(lowranks, weights)], dim=1)
-    return LowRank(A, B, lowranks[0].kernel_size)
+    B, A = stack_factors(lowranks, torch.promote_types(lowranks[0].dtype, torch.float32))
+    columns = torch.repeat_interleave(torch.tensor(weights, dtype=B.dtype), torch.tensor([lr.rank for lr in lowranks]))
+    return LowRank(A, B * columns, lowranks[0].kernel_size)
 
 
 def stack_factors(lowranks: Sequence[LowRank], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

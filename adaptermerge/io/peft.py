@@ -147,7 +147,7 @@ def to_state_dict(adapter: Adapter, dtype: torch.dtype | None = None) -> tuple[d
         "rank_pattern": pattern,
         "alpha_pattern": dict(pattern),
         "use_rslora": False,
-        "use_dora": any(lr.magnitude is not None for lr in adapter.values()),
+        "use_dora": adapter.is_dora,
         "target_modules": sorted(ranks),
         "lora_dropout": 0.0,
         "bias": "none",

@@ -156,7 +156,7 @@ class Workbench:
             if spec is None:
                 chosen.append((adapter, float(weight)))
                 continue
-            if _is_dora(adapter):
+            if adapter.is_dora:
                 raise InvalidParameterError(
                     f"advanced weights of {adapter.name!r}: a DoRA adapter's update is not its factors times a "
                     "weight, so per-module weights are not folded into it; use its slider"
@@ -168,7 +168,7 @@ class Workbench:
             return None
         adapters, chosen_weights = zip(*chosen)
         base = None
-        if isinstance(self.preview_fn, PipelinePreview | TextPreview) and any(_is_dora(a) for a in adapters):
+        if isinstance(self.preview_fn, PipelinePreview | TextPreview) and any(a.is_dora for a in adapters):
             base = self.preview_fn.base_weights(module_union(list(adapters)))
         with torch_threads(self.threads):
             return merge_adapters(list(adapters), list(chosen_weights), method, base=base, **params)
@@ -213,7 +213,7 @@ class Workbench:
             AdapterMergeError: for bad parameters or advanced weights, with a message for the page.
         """
         weights = [float(w) for w in weights[: len(self.adapters)]]
-        live = not any(_is_dora(a) for a in self.adapters)  # a DoRA merge's magnitudes depend on the weights
+        live = not any(a.is_dora for a in self.adapters)  # a DoRA merge's magnitudes depend on the weights
         if isinstance(self.preview_fn, PipelinePreview) and method == "linear" and not params and live:
             folded = self.folded(specs)
             with torch_threads(self.threads):
@@ -291,10 +291,6 @@ class Workbench:
         return f"<table class='am-heatmap'>{''.join(cells)}</table><p>{note}</p>"
 
 
-def _is_dora(adapter: Adapter) -> bool:
-    return any(update.magnitude is not None for update in adapter.values())
-
-
 def _module_inners(x: Adapter, y: Adapter, modules: Mapping[str, int]) -> torch.Tensor:
     """⟨ΔW_x, ΔW_y⟩ per module (zero where either lacks it) at `modules[name]`, computed on the factors."""
     row = torch.zeros(len(modules), dtype=torch.float64)
@@ -348,7 +344,7 @@ def make_workbench(
         return Workbench(adapters, preview=TextPreview(base))
     preview = PipelinePreview(load_pipeline(base), steps=steps, size=size, prompt="a photo of a cat")
     bench = Workbench(adapters, preview=preview)
-    if not any(_is_dora(a) for a in bench.adapters):  # DoRA adapters are merged per preview, never loaded live
+    if not any(a.is_dora for a in bench.adapters):  # DoRA adapters are merged per preview, never loaded live
         preview.load(bench.adapters)  # now rather than at the first slider move
     return bench
 
