@@ -7,31 +7,9 @@ from click.testing import CliRunner
 from adaptermerge import load_adapter, load_merged_adapters, merge_adapters, save_adapter, set_merge_weights
 from adaptermerge.cli import main
 from adaptermerge.errors import IncompatibleAdaptersError, InvalidParameterError
-from tests.tiny_models import LLAMA_TARGETS, randomize_lora_B, tiny_llama
+from tests.tiny_models import LLAMA_TARGETS, peft_merged_weights, save_random_llama_lora, tiny_llama
 
 peft = pytest.importorskip("peft")
-
-
-def save_random_dora(path, *, seed, r=4, use_dora=True):
-    """A peft DoRA adapter of the tiny Llama whose B and magnitudes are both moved away from their init."""
-    torch.manual_seed(seed)
-    config = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=LLAMA_TARGETS, use_dora=use_dora)
-    model = peft.get_peft_model(tiny_llama(), config)
-    randomize_lora_B(model, seed=seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_magnitude_vector" in name:
-                param.mul_(1 + 0.3 * torch.rand(param.shape, generator=torch.Generator().manual_seed(seed)))
-    model.save_pretrained(str(path))
-    return path
-
-
-def merged_weights(adapter_path):
-    """Every adapted layer's weight after peft's own merge_and_unload."""
-    model = peft.PeftModel.from_pretrained(tiny_llama(), str(adapter_path)).merge_and_unload()
-    return {
-        name: module.weight.detach().double() for name, module in model.named_modules() if hasattr(module, "weight")
-    }
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +18,9 @@ def files(tmp_path_factory):
     tiny_llama().save_pretrained(str(root / "base"))
     return {
         "base": root / "base",
-        "dora1": save_random_dora(root / "dora1", seed=1, r=4),
-        "dora2": save_random_dora(root / "dora2", seed=2, r=2),
-        "lora": save_random_dora(root / "lora", seed=3, r=3, use_dora=False),
+        "dora1": save_random_llama_lora(root / "dora1", seed=1, r=4, use_dora=True),
+        "dora2": save_random_llama_lora(root / "dora2", seed=2, r=2, lora_alpha=4, use_dora=True),
+        "lora": save_random_llama_lora(root / "lora", seed=3, r=3, lora_alpha=6),
         "root": root,
     }
 
@@ -70,9 +48,9 @@ def test_dora_merge_with_base_equals_the_weighted_sum_of_peft_merged_weights(fil
     }
     expected = dict(base)
     for w, path in zip(weights, paths):
-        for name, weight in merged_weights(path).items():
+        for name, weight in peft_merged_weights(path).items():
             expected[name] = expected[name] + w * (weight - base[name])
-    got = merged_weights(out)
+    got = peft_merged_weights(out)
     adapted = [name for name in got if name.endswith(tuple(LLAMA_TARGETS))]
     assert adapted
     for name in adapted:

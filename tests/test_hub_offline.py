@@ -18,8 +18,7 @@ from adaptermerge.cli import main
 from adaptermerge.errors import AdapterFormatError
 from adaptermerge.ui.diffusion import is_pipeline, tiny_sd_pipeline
 from tests.factories import make_adapter
-from tests.test_dora import save_random_dora
-from tests.tiny_models import tiny_llama
+from tests.tiny_models import save_random_llama_lora, tiny_llama
 
 SHAPES = {"model.layers.0.self_attn.q_proj": (16, 16), "model.layers.0.mlp.down_proj": (16, 32)}
 
@@ -73,7 +72,7 @@ def test_a_hub_id_missing_from_the_offline_cache_is_a_clear_error(publish):
 def test_a_dora_merge_reads_its_base_model_by_hub_id(publish, tmp_path):
     tiny_llama().save_pretrained(str(tmp_path / "base"))
     base_id = publish("acme/tiny-llama", tmp_path / "base")
-    doras = [save_random_dora(tmp_path / f"dora{i}", seed=i) for i in range(2)]
+    doras = [save_random_llama_lora(tmp_path / f"dora{i}", seed=i, use_dora=True) for i in range(2)]
     by_id = merge_adapters(doras, [0.6, 0.4], base=base_id)
     by_path = merge_adapters(doras, [0.6, 0.4], base=tmp_path / "base")
     assert set(by_id) == set(by_path)

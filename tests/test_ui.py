@@ -332,19 +332,29 @@ def test_llm_base_previews_a_dora_merge_with_the_models_own_weights(tmp_path):
     """DoRA adapters on an LLM base: the merge takes `W0` from the loaded model, and the previewed weights are the
     ones peft gives for the same merge made with the saved model as `base`, also after earlier previews."""
     from adaptermerge.ui import make_workbench
-    from tests.test_dora import merged_weights, save_random_dora
-    from tests.tiny_models import LLAMA_TARGETS, tiny_clip_tokenizer, tiny_llama
+    from tests.tiny_models import (
+        LLAMA_TARGETS,
+        peft_merged_weights,
+        save_random_llama_lora,
+        tiny_clip_tokenizer,
+        tiny_llama,
+    )
 
     tiny_llama().save_pretrained(tmp_path / "base")
     tiny_clip_tokenizer().save_pretrained(tmp_path / "base")
-    paths = [save_random_dora(tmp_path / "adapters" / f"dora{seed}", seed=seed, r=2 + seed) for seed in (1, 2)]
+    paths = [
+        save_random_llama_lora(
+            tmp_path / "adapters" / f"dora{seed}", seed=seed, r=2 + seed, lora_alpha=4 + 2 * seed, use_dora=True
+        )
+        for seed in (1, 2)
+    ]
     bench = make_workbench(str(tmp_path / "base"), tmp_path / "adapters")
     bench.preview(bench.merge([1.5, 0.5], "linear", {}))  # an earlier preview changed the model's weights
     weights = [0.7, -0.4]
     bench.preview(bench.merge(weights, "linear", {}))
 
     reference = save_adapter(merge_adapters(paths, weights, base=tmp_path / "base"), tmp_path / "reference")
-    expected = merged_weights(reference)
+    expected = peft_merged_weights(reference)
     adapted = [name for name in expected if name.endswith(tuple(LLAMA_TARGETS))]
     assert adapted
     for name in adapted:

@@ -130,12 +130,22 @@ def randomize_lora_B(model: torch.nn.Module, *, seed: int = 0, std: float = 0.2)
                 param.copy_(torch.randn(param.shape, generator=generator) * std)
 
 
+def randomize_dora_magnitudes(model: torch.nn.Module, *, seed: int = 0) -> None:
+    """Move every DoRA magnitude off its initial row norm (peft initialises them so that the update starts at zero)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                param.mul_(1 + 0.3 * torch.rand(param.shape, generator=generator))
+
+
 def save_random_llama_lora(path: str | Path, *, seed: int = 0, **lora_config) -> Path:
     """Write a random PEFT LoRA for :func:`tiny_llama` with `PeftModel.save_pretrained`; returns the folder.
 
     Args:
         lora_config: `LoraConfig` fields (`r`, `lora_alpha`, `rank_pattern`, `alpha_pattern`, `use_rslora`,
-            `target_modules`, ...); by default rank 4, alpha 8, every linear layer of the blocks.
+            `use_dora`, `target_modules`, ...); by default rank 4, alpha 8, every linear layer of the blocks. A DoRA
+            adapter also gets random magnitudes.
     """
     from peft import LoraConfig, get_peft_model
 
@@ -143,8 +153,18 @@ def save_random_llama_lora(path: str | Path, *, seed: int = 0, **lora_config) ->
     torch.manual_seed(seed)
     model = get_peft_model(tiny_llama(), config)
     randomize_lora_B(model, seed=seed)
+    if config.use_dora:
+        randomize_dora_magnitudes(model, seed=seed)
     model.save_pretrained(str(path))
     return Path(path)
+
+
+def peft_merged_weights(adapter_path: str | Path) -> dict[str, torch.Tensor]:
+    """Every layer's weight (float64) of :func:`tiny_llama` after peft's own `merge_and_unload` of the adapter."""
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(tiny_llama(), str(adapter_path)).merge_and_unload()
+    return {name: m.weight.detach().double() for name, m in model.named_modules() if hasattr(m, "weight")}
 
 
 def save_random_pipeline_lora(
@@ -181,11 +201,7 @@ def save_random_pipeline_lora(
         model.add_adapter(config)
         randomize_lora_B(model, seed=seed + offset)
         if use_dora:
-            generator = torch.Generator().manual_seed(seed + offset)
-            with torch.no_grad():
-                for name, param in model.named_parameters():
-                    if "lora_magnitude_vector" in name:
-                        param.mul_(1 + 0.3 * torch.rand(param.shape, generator=generator))
+            randomize_dora_magnitudes(model, seed=seed + offset)
         layers[f"{component}_lora_layers"] = get_peft_model_state_dict(model)
         if with_metadata:
             metadata[f"{component}_lora_adapter_metadata"] = config.to_dict()
