@@ -11,6 +11,7 @@ All decompositions run in float64 (as the papers' reference code does) on small 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -171,9 +172,12 @@ def concat(lowranks: Sequence[LowRank], weights: Sequence[float] | None = None) 
     weights = [1.0] * len(lowranks) if weights is None else list(weights)
     if len(weights) != len(lowranks):
         raise IncompatibleAdaptersError(f"got {len(weights)} weights for {len(lowranks)} updates")
-    B, A = stack_factors(lowranks, torch.promote_types(lowranks[0].dtype, torch.float32))
-    columns = torch.repeat_interleave(torch.tensor(weights, dtype=B.dtype), torch.tensor([lr.rank for lr in lowranks]))
-    return LowRank(A, B * columns, lowranks[0].kernel_size)
+    dtype = functools.reduce(torch.promote_types, (lr.dtype for lr in lowranks))
+    B, A = stack_factors(lowranks, dtype)
+    if any(w != 1.0 for w in weights):  # each product rounded once, in the inputs' dtype
+        columns = torch.tensor(weights, dtype=torch.promote_types(dtype, torch.float32))
+        B = (B * torch.repeat_interleave(columns, torch.tensor([lr.rank for lr in lowranks]))).to(dtype)
+    return LowRank(A, B, lowranks[0].kernel_size)
 
 
 def stack_factors(lowranks: Sequence[LowRank], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -189,6 +193,19 @@ def pivot_signs(columns: torch.Tensor) -> torch.Tensor:
     singular and eigenvectors, which decompositions return with arbitrary signs (zero columns get +1)."""
     signs = torch.sign(columns[columns.abs().argmax(dim=0), torch.arange(columns.shape[1])])
     return torch.where(signs == 0, 1.0, signs).to(columns.dtype)
+
+
+def _gram(matrix: torch.Tensor) -> torch.Tensor:
+    """`matrixᵀ matrix` in float64 (`COMPUTE_DTYPE`).
+
+    On the CPU it goes through numpy, whose BLAS computes the product of a matrix with its own transpose as a
+    symmetric rank-k update: half the work of the general product torch runs, and 2-4× faster in float64 here.
+    """
+    matrix = matrix.to(COMPUTE_DTYPE)
+    if matrix.device.type != "cpu" or (matrix.requires_grad and torch.is_grad_enabled()):
+        return matrix.T @ matrix
+    array = matrix.detach().numpy()
+    return torch.from_numpy(array.T @ array)
 
 
 def range_basis(matrix: torch.Tensor, *, singular_vectors: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -210,8 +227,7 @@ def range_basis(matrix: torch.Tensor, *, singular_vectors: bool = True) -> tuple
     Returns:
         `(X, R)` of shapes `(k, ρ)` and `(ρ, k)`, float64, `ρ` the numerical rank.
     """
-    matrix = matrix.to(COMPUTE_DTYPE)
-    gram = matrix.T @ matrix
+    gram = _gram(matrix)
     norms = gram.diagonal().sqrt()
     norms = torch.where(norms > 0, norms, 1.0)
     eigenvalues, V = torch.linalg.eigh(gram / norms[:, None] / norms[None, :])
@@ -297,7 +313,7 @@ def gram(lowranks: Sequence[LowRank]) -> torch.Tensor:
     # blocks gives every `inner` at once, from one product per side.
     owner = torch.repeat_interleave(torch.arange(len(lowranks)), torch.tensor([lr.rank for lr in lowranks]))
     blocks = torch.nn.functional.one_hot(owner, len(lowranks)).to(COMPUTE_DTYPE)
-    G = blocks.T @ ((B.T @ B) * (A @ A.T)) @ blocks
+    G = blocks.T @ (_gram(B) * _gram(A.T)) @ blocks
     return (G + G.T) / 2
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
 from .adapter import Adapter, AdapterMetadata, check_compatible, module_union
@@ -153,7 +154,8 @@ def merge_adapters(
         if not pairs:
             return None
         updates = [adapter[module] for adapter, _ in pairs]
-        updates = [u.to(torch.promote_types(u.dtype, torch.float32)) for u in updates]
+        if merge_method.float32_inputs:
+            updates = [u.to(torch.promote_types(u.dtype, torch.float32)) for u in updates]
         dora = next((a.name for (a, _), u in zip(pairs, updates) if u.magnitude is not None), None)
         if dora is not None:
             _check_dora(dora, module, method, base_weights, rank)
@@ -164,13 +166,16 @@ def merge_adapters(
             result = truncate(result, rank)
         return result.to(out_dtype)
 
-    # Modules are independent: a few threads (one torch thread each) keep every core busy on the small per-module
-    # decompositions, and each reads its own module only when it starts, so memory stays at a few modules.
+    # Modules are independent: a few threads (one torch and one BLAS thread each) keep every core busy on the small
+    # per-module decompositions, and each reads its own module only when it starts, so memory stays at a few modules.
     workers = num_workers or min(os.cpu_count() or 1, 8)
     threads = torch.get_num_threads()
     merged = {}
     try:
-        with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        with (
+            threadpool_limits(1, user_api="blas"),
+            ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool,
+        ):
             results = pool.map(merge_module, modules)
             bar = tqdm(results, total=len(modules), desc=f"merging ({method})", unit="module", disable=not progressbar)
             for count, (module, result) in enumerate(zip(modules, bar), start=1):

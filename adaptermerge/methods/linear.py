@@ -19,6 +19,7 @@ class LinearParams:
     params=LinearParams,
     pretty_name="Task arithmetic (exact weighted sum)",
     reference_url="https://arxiv.org/abs/2212.04089",
+    float32_inputs=False,
 )
 def linear(updates: Sequence[LowRank], weights: Sequence[float], params: LinearParams) -> LowRank:
     """Exact weighted sum `Σ w_t B_t A_t`, rank `Σ r_t` (peft's `cat`; unlike peft's `linear`, no cross-terms).
