@@ -95,3 +95,25 @@ def test_density_is_chosen_with_the_weight_on_validation_for_ours_and_peft(small
     total_rank = sum(a["fc1"].rank for a in suite.adapters())
     assert theirs.note == f"svd_rank={total_rank}"
     assert GRID[0] < 0.1 and GRID[-1] >= 3.0  # wide enough for sums (small λ) and disjoint means (large λ)
+
+
+def test_bench_quality_cli_trains_the_suite_of_the_seed_it_is_given(small_suite, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    import adaptermerge.quality.digits as digits
+    from adaptermerge.cli import main
+
+    suite, _, _ = small_suite
+    asked = []
+
+    def fake_load(config, *, cache_dir=None):
+        asked.append(config)
+        return suite
+
+    monkeypatch.setattr(digits, "load_digits_suite", fake_load)
+    args = ["bench", "quality", "--seed", "3", "--methods", "linear", "--peft-types", "", "--out", str(tmp_path)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert [c.seed for c in asked] == [3]
+    assert asked[0].key() != digits_config().key()  # another seed is another cached suite
+    assert (tmp_path / "quality-digits.json").is_file()

@@ -20,20 +20,20 @@ def _cache_option(command):
     )(command)
 
 
-def _load_suites(names: list[str], cache_dir: Path | None, console: Console) -> list:
-    from ..quality.digits import load_digits_suite
+def _load_suites(names: list[str], cache_dir: Path | None, console: Console, seed: int = 0) -> list:
+    from ..quality.digits import digits_config, load_digits_suite
 
     suites = []
     for name in names:
         if name == "digits":
             console.print("[dim]digits suite: training (or reading cached) task LoRAs...[/dim]")
-            suites.append(load_digits_suite(cache_dir=cache_dir))
+            suites.append(load_digits_suite(digits_config(seed=seed), cache_dir=cache_dir))
             continue
-        from ..quality.wordnet import TextSuiteUnavailable, load_text_suite
+        from ..quality.wordnet import TextSuiteUnavailable, load_text_suite, text_config
 
         console.print("[dim]text suite: training (or reading cached) task LoRAs on MiniLM...[/dim]")
         try:
-            suites.append(load_text_suite(cache_dir=cache_dir))
+            suites.append(load_text_suite(text_config(seed=seed), cache_dir=cache_dir))
         except TextSuiteUnavailable as err:
             console.print(f"[yellow]text suite skipped: {err}[/yellow]")
     return suites
@@ -49,8 +49,17 @@ def bench() -> None:
 @click.option("--methods", default=None, help="Comma-separated registered methods; every registered one by default.")
 @click.option("--peft-types", default="cat,linear,ties,svd,ties_svd", help="peft combination types ('' for none).")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("bench-quality"), help="Folder for JSON/PNG.")
+@click.option(
+    "--seed",
+    type=int,
+    default=0,
+    help="Seed of the data splits, heads and LoRA initialisation; another seed trains (and caches) another suite, "
+    "to see which differences between methods hold up.",
+)
 @_cache_option
-def quality(suite_name: str, methods: str | None, peft_types: str, out: Path, cache_dir: Path | None) -> None:
+def quality(
+    suite_name: str, methods: str | None, peft_types: str, out: Path, seed: int, cache_dir: Path | None
+) -> None:
     """Merge each suite's task LoRAs with every method and peft's types; print and save the quality table.
 
     Weights are one uniform weight per adapter, chosen on a validation split from one grid shared by every method
@@ -62,7 +71,7 @@ def quality(suite_name: str, methods: str | None, peft_types: str, out: Path, ca
 
     console = Console()
     names = ["digits", "text"] if suite_name == "all" else [suite_name]
-    for suite in _load_suites(names, cache_dir, console):
+    for suite in _load_suites(names, cache_dir, console, seed):
         results = run_quality_bench(
             suite,
             methods=methods.split(",") if methods else None,
