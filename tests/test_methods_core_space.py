@@ -122,7 +122,7 @@ def dense_reference(method: str, updates, weights, **params) -> np.ndarray:
         q = (
             [u.rank for u in updates]
             if sum(u.rank for u in updates) <= width
-            else [width // len(updates)] * len(updates)
+            else [min(width // len(updates), u.rank) for u in updates]
         )
         Ut = np.concatenate([p[0][:, :k] for p, k in zip(parts, q)], axis=1)
         st_ = np.concatenate([p[1][:k] for p, k in zip(parts, q)])
@@ -174,6 +174,11 @@ def test_method_matches_reference_when_stacked_rank_exceeds_a_side(method):
     assert_close(
         run(method, updates, [1.0, 0.5, 0.7], **params), dense_reference(method, updates, [1.0, 0.5, 0.7], **params)
     )
+
+
+def test_tsv_takes_no_more_of_a_task_than_its_rank_when_the_core_is_narrow():
+    updates = updates_of(6, 20, [1, 6], seed=4)  # R = 7 > out = 6: width // T = 3 slots, but task 0 has rank 1
+    assert_close(run("tsv", updates, [1.0, 0.8]), dense_reference("tsv", updates, [1.0, 0.8]))
 
 
 def test_cores_hold_each_update_exactly():

@@ -48,9 +48,11 @@ def isotropize(core: torch.Tensor) -> torch.Tensor:
 
 
 def _tsv_quotas(updates: Sequence[LowRank], width: int) -> list[int]:
-    """Slots per task: its own rank when the ranks fit in the core, else `width // T` each (the reference's rule)."""
+    """Slots per task: its own rank when the ranks fit in the core, else `width // T` each (the reference's rule),
+    never more than the task's rank: its singular vectors beyond it span nothing of the task, and any choice of them
+    would change the polar factors."""
     ranks = [update.rank for update in updates]
-    return ranks if sum(ranks) <= width else [width // len(ranks)] * len(ranks)
+    return ranks if sum(ranks) <= width else [min(width // len(ranks), rank) for rank in ranks]
 
 
 @dataclass(frozen=True)
@@ -106,9 +108,9 @@ def tsv(updates: Sequence[LowRank], weights: Sequence[float], params: SpectralPa
     Gargiulo et al., "Task Singular Vectors: Reducing Task Interference in Model Merging" (CVPR 2025),
     https://arxiv.org/abs/2412.00081, applied to the weighted cores as in the Core Space code
     (https://arxiv.org/abs/2509.17786). Each task keeps its own rank's worth of singular triples (with equal ranks
-    this is the reference's `R / T` quota; when the ranks exceed the core width, `width // T` each); the stacked
-    singular vectors are orthogonalised by their polar factors. The papers' global coefficient α is the per-adapter
-    `weights` here (scale all weights by α).
+    this is the reference's `R / T` quota; when the ranks exceed the core width, `width // T` each, at most its
+    rank); the stacked singular vectors are orthogonalised by their polar factors. The papers' global coefficient α
+    is the per-adapter `weights` here (scale all weights by α).
 
     Args:
         rank (`int`, *optional*): truncate the result to this rank.
