@@ -165,6 +165,9 @@ def check_same_shape(lowranks: Sequence[LowRank]) -> None:
 def concat(lowranks: Sequence[LowRank], weights: Sequence[float] | None = None) -> LowRank:
     """The exact weighted sum `Σ w_t B_t A_t` as one LowRank of rank `Σ r_t` (peft's `cat`).
 
+    The factors keep the inputs' common dtype: a concatenation is exact in any precision, and each weighted entry of
+    `B` is computed in float32 at least and rounded once.
+
     Raises:
         IncompatibleAdaptersError: when the updates have different shapes.
     """

@@ -163,3 +163,15 @@ def test_invalid_factors_and_mismatched_updates_are_refused():
     nan = LowRank(torch.full((2, 4), float("nan")), torch.zeros(3, 2))
     with pytest.raises(InvalidTensorError, match="NaN or Inf"):
         nan.check_finite()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_concat_stays_in_half_precision_and_rounds_each_weighted_entry_once(dtype):
+    updates = [random_lowrank(9, 7, rank, seed=rank).to(dtype) for rank in (2, 3)]
+    weights = [0.7, -1.3]
+    merged = concat(updates, weights)
+    assert merged.dtype == dtype
+    in_float32 = concat([u.to(torch.float32) for u in updates], weights)
+    assert torch.equal(merged.B, in_float32.B.to(dtype))  # the float32 product, rounded once
+    assert torch.equal(merged.A, in_float32.A.to(dtype))
+    assert torch.equal(concat(updates).B, torch.cat([u.B for u in updates], dim=1))  # unit weights: a plain copy
