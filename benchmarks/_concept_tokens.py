@@ -45,7 +45,6 @@ The width matters: at `dim=64` (`r / d = 1 / 16`, 4 seeds) orthogonal adaptation
 
 from __future__ import annotations
 
-import copy
 import math
 import statistics
 from collections.abc import Callable, Sequence
@@ -55,8 +54,12 @@ import torch
 from torch import nn
 
 from adaptermerge import Adapter, merge_adapters
-from adaptermerge.io import peft as peft_io
-from adaptermerge.training import OSRM, BasisAllocator, apply_orthogonal_basis
+from adaptermerge.training import OSRM, BasisAllocator
+
+try:  # imported as benchmarks._concept_tokens, or beside bench_training run as a script
+    from benchmarks._lora import as_adapter, lora_model
+except ImportError:
+    from _lora import as_adapter, lora_model
 
 DIM = 768  # token embedding and attention width: CLIP ViT-L's text width, as in Stable Diffusion 1.x
 RANK = 4
@@ -185,14 +188,7 @@ def train_concept(
     lr: float,
 ) -> tuple[Adapter, torch.Tensor]:
     """One concept's LoRA (as an adaptermerge Adapter) and its trained token embedding."""
-    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
-
-    config = LoraConfig(r=RANK, lora_alpha=RANK, target_modules=list(TARGETS))
-    model = get_peft_model(copy.deepcopy(backbone), config)
-    if method.startswith("osrm"):
-        osrm.init_lora(model, task=str(digit))
-    elif method == "orthogonal":
-        apply_orthogonal_basis(model, allocator.allocate(str(digit), RANK))
+    model = lora_model(backbone, method, str(digit), rank=RANK, targets=TARGETS, osrm=osrm, allocator=allocator)
     token = nn.Parameter(concept.token.clone())
     lora = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam([{"params": lora, "lr": lr}, {"params": [token], "lr": EMBEDDING_LR}])
@@ -202,9 +198,7 @@ def train_concept(
         scores = model(concept.X_train, backbone.prompt(token))
         nn.functional.binary_cross_entropy_with_logits(scores, concept.y_train).backward()
         optimizer.step()
-    state = get_peft_model_state_dict(model)
-    adapter = peft_io.from_state_dict(state, config.to_dict(), name=f"c{digit}").materialize()
-    return adapter, token.detach()
+    return as_adapter(model, f"c{digit}"), token.detach()
 
 
 def _accuracy(scores: torch.Tensor, labels: torch.Tensor) -> float:

@@ -55,13 +55,14 @@ import torch
 from torch import nn
 
 from adaptermerge import Adapter, AdapterMergeWarning, merge_adapters
-from adaptermerge.io import peft as peft_io
-from adaptermerge.training import OSRM, BasisAllocator, apply_orthogonal_basis
+from adaptermerge.training import OSRM, BasisAllocator
 
 try:  # run as a script (benchmarks/ on sys.path) or imported as benchmarks.bench_training
     from benchmarks import _concept_tokens as concept_tokens
+    from benchmarks._lora import as_adapter, lora_model
 except ImportError:
     import _concept_tokens as concept_tokens
+    from _lora import as_adapter, lora_model
 
 METHODS = ("plain", "osrm-mean", "osrm-covariance", "orthogonal")
 RANK = 4
@@ -153,19 +154,11 @@ def train_adapter(
     steps: int,
     lr: float,
 ) -> Adapter:
-    """One task's LoRA trained with `method`, returned as an adaptermerge Adapter (read from peft's state dict)."""
-    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
-
+    """One task's LoRA trained with `method`, returned as an adaptermerge Adapter."""
     rank = ORTHOGONAL_RANK if method == "orthogonal" else RANK
-    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=list(targets))
-    model = get_peft_model(copy.deepcopy(backbone), config)
-    if method.startswith("osrm"):
-        osrm.init_lora(model, task=task)
-    elif method == "orthogonal":
-        apply_orthogonal_basis(model, allocator.allocate(task, rank))
+    model = lora_model(backbone, method, task, rank=rank, targets=targets, osrm=osrm, allocator=allocator)
     _fit(model, split.X_train, split.y_train, steps=steps, lr=lr)
-    state = get_peft_model_state_dict(model)
-    return peft_io.from_state_dict(state, config.to_dict(), name=task).materialize()
+    return as_adapter(model, task)
 
 
 def with_update(backbone: nn.Module, adapter: Adapter | None) -> nn.Module:
