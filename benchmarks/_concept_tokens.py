@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -57,9 +57,9 @@ from adaptermerge import Adapter, merge_adapters
 from adaptermerge.training import OSRM, BasisAllocator
 
 try:  # imported as benchmarks._concept_tokens, or beside bench_training run as a script
-    from benchmarks._lora import as_adapter, lora_model
+    from benchmarks._lora import as_adapter, lora_model, with_update
 except ImportError:
-    from _lora import as_adapter, lora_model
+    from _lora import as_adapter, lora_model, with_update
 
 DIM = 768  # token embedding and attention width: CLIP ViT-L's text width, as in Stable Diffusion 1.x
 RANK = 4
@@ -70,7 +70,6 @@ TARGETS = ("to_k", "to_v")
 EMBEDDING_LR = 1e-1
 WEIGHT_DECAY = 0.1
 PRETRAIN_LR = 1e-3
-UpdateFn = Callable[[nn.Module, Adapter | None], nn.Module]  # bench_training.with_update
 
 
 class CrossAttentionDetector(nn.Module):
@@ -209,8 +208,6 @@ def evaluate(
     backbone: CrossAttentionDetector,
     trained: dict[int, tuple[Adapter, torch.Tensor]],
     concepts: dict[int, Concept],
-    *,
-    with_update: UpdateFn,
 ) -> dict[str, float]:
     """Base/own/merged accuracy and cross-task output change, averaged over concepts (each read with its token)."""
     merged = with_update(backbone, merge_adapters([adapter for adapter, _ in trained.values()], method="linear"))
@@ -240,10 +237,9 @@ def run(
     steps: int,
     lr: float,
     methods: Sequence[str],
-    with_update: UpdateFn,
     dim: int = DIM,
 ) -> dict[str, dict[str, list[float]]]:
-    """Method → metric → list of values, one per seed; `with_update(model, adapter)` adds an update to a copy."""
+    """Method → metric → list of values, one per seed."""
     results: dict[str, dict[str, list[float]]] = {m: {} for m in methods}
     for seed in seeds:
         backbone, concepts = pretrain(seed, dim=dim)
@@ -260,6 +256,6 @@ def run(
                 )
                 for digit, concept in concepts.items()
             }
-            for metric, value in evaluate(backbone, trained, concepts, with_update=with_update).items():
+            for metric, value in evaluate(backbone, trained, concepts).items():
                 results[method].setdefault(metric, []).append(value)
     return results

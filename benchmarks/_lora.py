@@ -1,10 +1,12 @@
-"""The LoRA the training benchmarks train: peft's, initialised by the method under test, read back as an Adapter."""
+"""The LoRA the training benchmarks train (peft's, initialised by the method under test, read back as an Adapter),
+and the dense check of an update on a tiny model."""
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
 
+import torch
 from torch import nn
 
 from adaptermerge import Adapter
@@ -40,3 +42,13 @@ def as_adapter(model, name: str) -> Adapter:
 
     config = model.peft_config["default"]
     return peft_io.from_state_dict(get_peft_model_state_dict(model), config.to_dict(), name=name).materialize()
+
+
+def with_update(backbone: nn.Module, adapter: Adapter | None) -> nn.Module:
+    """A copy of the backbone with the adapter's update added to its weights (the dense check, tiny layers)."""
+    model = copy.deepcopy(backbone)
+    if adapter is not None:
+        with torch.no_grad():
+            for name, lowrank in adapter.items():
+                model.get_submodule(name).weight += lowrank.to_dense().float()
+    return model.eval()

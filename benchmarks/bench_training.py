@@ -44,7 +44,6 @@ defaults to 1e-2 for the pixel settings and 1e-3 for `concept-tokens`).
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import time
 import warnings
@@ -59,10 +58,10 @@ from adaptermerge.training import OSRM, BasisAllocator
 
 try:  # run as a script (benchmarks/ on sys.path) or imported as benchmarks.bench_training
     from benchmarks import _concept_tokens as concept_tokens
-    from benchmarks._lora import as_adapter, lora_model
+    from benchmarks._lora import as_adapter, lora_model, with_update
 except ImportError:
     import _concept_tokens as concept_tokens
-    from _lora import as_adapter, lora_model
+    from _lora import as_adapter, lora_model, with_update
 
 METHODS = ("plain", "osrm-mean", "osrm-covariance", "orthogonal")
 RANK = 4
@@ -77,6 +76,11 @@ SETTINGS = {  # name → (task domains, LoRA target modules)
     "concept-tokens": (tuple(f"<c{d}>" for d in concept_tokens.CONCEPTS), concept_tokens.TARGETS),
 }
 DEFAULT_LR = {"concept-tokens": 1e-3}  # the others: 1e-2
+
+
+def learning_rate(setting: str, lr: float | None = None) -> float:
+    """`lr`, or the setting's default LoRA learning rate when it is None."""
+    return DEFAULT_LR.get(setting, 1e-2) if lr is None else lr
 
 
 def _placed(row: int, col: int) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -161,16 +165,6 @@ def train_adapter(
     return as_adapter(model, task)
 
 
-def with_update(backbone: nn.Module, adapter: Adapter | None) -> nn.Module:
-    """A copy of the backbone with the adapter's update added to its weights (the dense check, tiny layers)."""
-    model = copy.deepcopy(backbone)
-    if adapter is not None:
-        with torch.no_grad():
-            for name, lowrank in adapter.items():
-                model.get_submodule(name).weight += lowrank.to_dense().float()
-    return model.eval()
-
-
 def _accuracy(model: nn.Module, split: Split) -> float:
     with torch.no_grad():
         return (model(split.X_test).argmax(1) == split.y_test).float().mean().item()
@@ -205,9 +199,9 @@ def run(
     methods: Sequence[str] = METHODS,
 ) -> dict[str, dict[str, list[float]]]:
     """Method → metric → list of values, one per seed."""
-    lr = DEFAULT_LR.get(setting, 1e-2) if lr is None else lr
+    lr = learning_rate(setting, lr)
     if setting == "concept-tokens":
-        return concept_tokens.run(seeds, steps=steps, lr=lr, methods=methods, with_update=with_update)
+        return concept_tokens.run(seeds, steps=steps, lr=lr, methods=methods)
     domains, targets = SETTINGS[setting]
     results: dict[str, dict[str, list[float]]] = {m: {} for m in methods}
     for seed in seeds:
@@ -257,8 +251,9 @@ def main() -> None:
             base = f"{statistics.mean(metrics['base']):.3f}"
             print(f"{method:<16} {base:>9} {cells[0]:>14} {cells[1]:>14} {cells[2]:>14}")
         seconds = time.perf_counter() - start
-        lr = DEFAULT_LR.get(setting, 1e-2) if args.lr is None else args.lr
-        print(f"({len(args.seeds)} seeds, {args.steps} steps, lr {lr:g}, {seconds:.1f} s)")
+        print(
+            f"({len(args.seeds)} seeds, {args.steps} steps, lr {learning_rate(setting, args.lr):g}, {seconds:.1f} s)"
+        )
 
 
 if __name__ == "__main__":
