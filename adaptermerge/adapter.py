@@ -76,7 +76,10 @@ class Adapter(Mapping[str, LowRank]):
 
     @property
     def is_dora(self) -> bool:
-        """Whether any module is DoRA (carries a magnitude vector)."""
+        """Whether any module is DoRA (has a magnitude vector), without reading tensors when the adapter is lazy."""
+        has_magnitude = getattr(self.modules, "has_magnitude", None)
+        if has_magnitude is not None:
+            return any(has_magnitude(module) for module in self.modules)
         return any(lr.magnitude is not None for lr in self.values())
 
     def with_modules(self, modules: Mapping[str, LowRank], **metadata: Any) -> Adapter:

@@ -34,6 +34,18 @@ def test_a_dora_adapter_round_trips_and_gives_peft_outputs(files):
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
 
 
+def test_is_dora_reads_the_file_keys_not_the_tensors(files, monkeypatch):
+    dora, plain = load_adapter(files["dora1"]), load_adapter(files["lora"])
+
+    def refuse(key):
+        raise AssertionError(f"tensor {key!r} was read")
+
+    for adapter in (dora, plain):
+        monkeypatch.setattr(adapter.modules.source, "get", refuse)
+    assert dora.is_dora
+    assert not plain.is_dora
+
+
 def test_dora_merge_with_base_equals_the_weighted_sum_of_peft_merged_weights(files):
     weights = [0.6, -0.3, 0.5]
     paths = [files["dora1"], files["dora2"], files["lora"]]

@@ -144,7 +144,7 @@ def build_merge(
     loaded = load_adapters(adapters)
     modules = module_union(loaded)
     base = None if find is None else HostWeights(find, modules)
-    if method != "linear" or params:
+    if method != "linear" or params or any(adapter.is_dora for adapter in loaded):
         merged = merge_adapters(loaded, weights, method, dtype=dtype, adapter_name=adapter_name, base=base, **params)
         return merged, None
     resolvers = check_weights(weights, len(loaded))
@@ -154,9 +154,6 @@ def build_merge(
     merged: dict[str, LowRank] = {}
     for module in modules:
         pairs = [(i, a[module].to(out_dtype)) for i, a in enumerate(loaded) if module in a]
-        if any(update.magnitude is not None for _, update in pairs):
-            merged_dora = merge_adapters(loaded, weights, method, dtype=dtype, adapter_name=adapter_name, base=base)
-            return merged_dora, None
         sources[module] = [(i, update.B) for i, update in pairs]
         merged[module] = concat([u for _, u in pairs], [resolvers[i](module) for i, _ in pairs]).to(out_dtype)
     first = loaded[0].metadata

@@ -196,6 +196,10 @@ class LazyModules(Mapping[str, LowRank]):
     def dtype_of(self, name: str) -> torch.dtype:
         return self.source.dtype(self.entries[name].down_key)
 
+    def has_magnitude(self, name: str) -> bool:
+        """Whether the module is DoRA, from its keys alone."""
+        return self.entries[name].magnitude_key is not None
+
     def __getitem__(self, name: str) -> LowRank:
         entry = self.entries[name]
         lowrank = LowRank.from_weights(self.source.get(entry.down_key), self.source.get(entry.up_key), entry.scale)
