@@ -13,9 +13,9 @@ import torch
 
 from ..adapter import Adapter
 from ..errors import AdapterFormatError
-from ._detect import _HUB_ID, FORMATS, detect_format, format_module
+from ._detect import _HUB_ID, FORMATS, LAYOUTS, detect_format, format_module
 
-__all__ = ["FORMATS", "detect_format", "load_adapter", "resolve_path", "save_adapter"]
+__all__ = ["FORMATS", "LAYOUTS", "detect_format", "load_adapter", "resolve_path", "save_adapter"]
 
 
 def resolve_path(path_or_id: str | Path, *, allow_pickle: bool = False) -> Path:
@@ -72,5 +72,6 @@ def save_adapter(
         OutputExistsError: when `path` exists and `overwrite` is false.
         AdapterFormatError: for an unknown format or modules the format cannot express.
     """
-    fmt = format or (adapter.metadata.format if adapter.metadata.format in FORMATS else "peft")
+    known = adapter.metadata.format in FORMATS or adapter.metadata.format in LAYOUTS
+    fmt = format or (adapter.metadata.format if known else "peft")
     return format_module(fmt).save(adapter, path, overwrite=overwrite, dtype=dtype)

@@ -163,6 +163,13 @@ class ModuleEntry:
     up_key: str
     scale: float = 1.0
     magnitude_key: str | None = None
+    # `(start, stop)` row ranges of `up` that make this module's `B`, in order: one part of a fused projection
+    # (a kohya Flux qkv read as q, k and v sharing A) or a permutation of its rows; empty for all rows.
+    rows: tuple[tuple[int, int], ...] = ()
+
+    def take_rows(self, up: torch.Tensor) -> torch.Tensor:
+        """This module's rows of the file's `up` tensor."""
+        return torch.cat([up[start:stop] for start, stop in self.rows]) if self.rows else up
 
 
 class LazyModules(Mapping[str, LowRank]):
@@ -185,7 +192,13 @@ class LazyModules(Mapping[str, LowRank]):
                 "which do not form a LoRA pair (A: (r, in[, kh, kw]), B: (out, r[, 1, 1]))"
             )
         in_flat = down[1] * (down[2] * down[3] if len(down) == 4 else 1)
-        return (up[0], in_flat, *down[2:])
+        out = sum(stop - start for start, stop in entry.rows) if entry.rows else up[0]
+        if any(stop > up[0] for _, stop in entry.rows):
+            raise AdapterFormatError(
+                f"{self.source.name}: module {name!r} takes rows up to {max(s for _, s in entry.rows)} of a fused "
+                f"up/B factor of shape {up}"
+            )
+        return (out, in_flat, *down[2:])
 
     def shape_of(self, name: str) -> tuple[int, ...]:
         return self._shapes[name]
@@ -202,7 +215,8 @@ class LazyModules(Mapping[str, LowRank]):
 
     def __getitem__(self, name: str) -> LowRank:
         entry = self.entries[name]
-        lowrank = LowRank.from_weights(self.source.get(entry.down_key), self.source.get(entry.up_key), entry.scale)
+        up = entry.take_rows(self.source.get(entry.up_key))
+        lowrank = LowRank.from_weights(self.source.get(entry.down_key), up, entry.scale)
         if entry.magnitude_key is not None:
             magnitude = self.source.get(entry.magnitude_key).reshape(-1)
             lowrank = LowRank(lowrank.A, lowrank.B, lowrank.kernel_size, magnitude)

@@ -173,6 +173,11 @@ def module_name(lora_name: str) -> str:
     return canonical_name(component, path)
 
 
+def text_encoder_path(component: str, path: str, *, flat: bool) -> str:
+    """The adapter's name of a text encoder's module, its path dotted or kohya-flattened (`flat`)."""
+    return canonical_name(component, _dotted(path) if flat else path)
+
+
 def lora_name(name: str, *, two_text_encoders: bool = False) -> str:
     """The kohya `lora_name` of an adapter module name (`unet.down_blocks.0…` → `lora_unet_down_blocks_0…`)."""
     component, module = split_component(name)

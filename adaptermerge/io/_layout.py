@@ -1,0 +1,311 @@
+"""Trainer layouts of DiT model families, as pure key-name maps onto one canonical naming per family.
+
+A layout (kohya Flux, ComfyUI Wan, ...) names a model's modules as the original training code does (BFL's
+`double_blocks.0.img_attn.qkv`, Wan's `blocks.0.self_attn.q`), under a prefix (`lora_unet_`, `diffusion_model.`,
+`base_model.model.`) and with its own factor suffixes. A :class:`NameMap` holds one family's rules from original
+module paths to canonical ones (the module names of the family's diffusers model, as diffusers' converters write
+them), usable both ways; a :class:`Layout` adds the prefix, the suffixes and kohya's flattening, and offers the verbs
+of a format module (`detect`, `load`, `save`, `from_state_dict`, `to_state_dict`).
+
+A fused projection (BFL's `qkv`; Flux's single-block `linear1` = q, k, v and the MLP input) is read as one module
+per part, each taking its rows of `B` and all of `A`: exact, and still low-rank. Written back, parts that share `A`
+(as they do after any merge by concatenation) become `A` and `[B_q; B_k; B_v]`; parts with different `A` become
+`[A_q; A_k; A_v]` and a block-diagonal `B` of rank `r_q + r_k + r_v`. A part an adapter lacks is a zero block.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..adapter import Adapter
+from ..errors import AdapterFormatError
+from ..lowrank import LowRank
+from ._source import DictSource, ModuleEntry, TensorSource, lazy_adapter, open_source, take_unused
+from ._write import atomic_path, provenance_metadata, save_tensors
+from .kohya import text_encoder_path
+
+_INDEX = "{i}"
+
+
+def _pattern(template: str, *, flat: bool) -> re.Pattern[str]:
+    text = template.replace(".", "_") if flat else template
+    return re.compile(re.escape(text).replace(re.escape(_INDEX), r"(?P<i>\d+)"))
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One original module (path template with `{i}` for a block index) and the canonical module(s) it holds.
+
+    Args:
+        original (`str`): the path in the original model, e.g. `"double_blocks.{i}.img_attn.qkv"`.
+        canonical (`tuple[str, ...]`): the canonical paths below the family's component; several for a fused
+            projection, in the order of its rows.
+        sizes (`tuple[int, ...]`, *optional*): the parts' row counts in multiples of the module's input features
+            (Flux `linear1`: `(1, 1, 1, 4)`); equal parts when empty.
+        swap_halves (`bool`): the two halves of the rows are swapped (BFL's final `adaLN_modulation` is
+            shift-then-scale, diffusers' `norm_out.linear` scale-then-shift).
+    """
+
+    original: str
+    canonical: tuple[str, ...]
+    sizes: tuple[int, ...] = ()
+    swap_halves: bool = False
+
+    @functools.cached_property
+    def patterns(self) -> dict[bool, re.Pattern[str]]:
+        return {flat: _pattern(self.original, flat=flat) for flat in (False, True)}
+
+    @functools.cached_property
+    def canonical_patterns(self) -> tuple[re.Pattern[str], ...]:
+        return tuple(_pattern(name, flat=False) for name in self.canonical)
+
+    def part_sizes(self, out_features: int, in_features: int, where: str) -> list[int]:
+        """Rows of each part of a fused module with `out_features` rows."""
+        count = len(self.canonical)
+        sizes = [s * in_features for s in self.sizes] if self.sizes else [out_features // count] * count
+        if sum(sizes) != out_features:
+            raise AdapterFormatError(
+                f"{where}: the fused module {self.original!r} has {out_features} output rows, which do not split "
+                f"into {', '.join(self.canonical)} ({'+'.join(map(str, sizes))})"
+            )
+        return sizes
+
+    def rows(self, out_features: int, in_features: int, where: str) -> list[tuple[tuple[int, int], ...]]:
+        """The row ranges of `B` that make each canonical module."""
+        if self.swap_halves:
+            half = out_features // 2
+            return [((half, out_features), (0, half))]
+        if len(self.canonical) == 1:
+            return [()]
+        bounds, start = [], 0
+        for size in self.part_sizes(out_features, in_features, where):
+            bounds.append(((start, start + size),))
+            start += size
+        return bounds
+
+
+class NameMap:
+    """A family's map between original module paths and canonical module names (`<component>.<path>`).
+
+    Args:
+        component (`str`): the pipeline component the canonical names start with (`"transformer"`).
+        rules (`Sequence[Rule]`): the modules that are renamed, split or permuted.
+        identity (`bool`): every other path keeps its name (the original names are the diffusers names).
+    """
+
+    def __init__(self, component: str, rules: Sequence[Rule] = (), *, identity: bool = False) -> None:
+        self.component = component
+        self.rules = tuple(rules)
+        self.identity = identity
+
+    def to_canonical(self, path: str, *, flat: bool = False) -> tuple[Rule, list[str]] | None:
+        """The rule for an original path and the canonical names it holds; None when no rule knows the path."""
+        for rule in self.rules:
+            if match := rule.patterns[flat].fullmatch(path):
+                names = [name.replace(_INDEX, match["i"]) if match.groupdict() else name for name in rule.canonical]
+                return rule, [f"{self.component}.{name}" for name in names]
+        if self.identity and not flat:
+            return Rule(path, (path,)), [f"{self.component}.{path}"]
+        return None
+
+    def from_canonical(self, name: str) -> tuple[str, int, Rule] | None:
+        """`(original path, part index, rule)` of a canonical module name; None when the map cannot name it."""
+        component, _, path = name.partition(".")
+        if component != self.component:
+            return None
+        for rule in self.rules:
+            for index, pattern in enumerate(rule.canonical_patterns):
+                if match := pattern.fullmatch(path):
+                    original = rule.original.replace(_INDEX, match["i"]) if match.groupdict() else rule.original
+                    return original, index, rule
+        return (path, 0, Rule(path, (path,))) if self.identity else None
+
+
+def join_parts(rule: Rule, parts: Mapping[int, LowRank], where: str) -> LowRank:
+    """One module's update from its canonical parts: rows permuted back, or fused projections joined exactly."""
+    if rule.swap_halves:
+        lowrank = parts[0]
+        half = lowrank.out_features // 2
+        return LowRank(lowrank.A, torch.cat([lowrank.B[half:], lowrank.B[:half]]), lowrank.kernel_size)
+    if len(rule.canonical) == 1:
+        return parts[0]
+    present = [parts[i] for i in sorted(parts)]
+    if any(lr.magnitude is not None for lr in present):
+        raise AdapterFormatError(f"{where}: DoRA parts of a fused projection cannot be written as one module")
+    in_features = present[0].in_features
+    known = {i: lr.out_features for i, lr in parts.items()}
+    if rule.sizes:
+        sizes = [s * in_features for s in rule.sizes]
+    else:
+        sizes = [next(iter(known.values()))] * len(rule.canonical)
+    if any(sizes[i] != rows for i, rows in known.items()):
+        raise AdapterFormatError(f"{where}: the parts of {rule.original!r} have {known} rows, expected {sizes}")
+    dtype = functools.reduce(torch.promote_types, (lr.dtype for lr in present))
+    first = present[0].A
+    if all(lr.A.shape == first.shape and torch.equal(lr.A, first) for lr in present):
+        # Parts that share A (as read, or merged by concatenation) keep it: rank stays r.
+        blocks = [
+            parts[i].B.to(dtype) if i in parts else first.new_zeros(size, first.shape[0], dtype=dtype)
+            for i, size in enumerate(sizes)
+        ]
+        return LowRank(first.to(dtype), torch.cat(blocks))
+    A = torch.cat([lr.A.to(dtype) for lr in present])
+    B = A.new_zeros(sum(sizes), A.shape[0])
+    row, column = 0, 0
+    for i, size in enumerate(sizes):
+        if i in parts:
+            B[row : row + size, column : column + parts[i].rank] = parts[i].B
+            column += parts[i].rank
+        row += size
+    return LowRank(A, B)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One trainer's key layout of one model family: the verbs of a format module over a :class:`NameMap`.
+
+    Args:
+        name (`str`): the format name (`"kohya-flux"`), as `--format` takes it.
+        family (`str`, *optional*): the model family (`"Flux.1"`); None when the module names tell it.
+        names (`NameMap`): the family's module names.
+        prefix (`str`): the prefix of the family model's keys (`"lora_unet_"`).
+        flat (`bool`): module paths have every `.` turned into `_` (kohya).
+        factors (`tuple`): `(down, up)` key suffixes it reads; the first pair is written.
+        text_encoders (`Mapping[str, str]`): other key prefixes and the component they hold, with paths kept as the
+            host library names them (kohya-flattened when `flat`).
+        marker (`str`, *optional*): a regex some module path must match for detection, when `names` is an identity.
+    """
+
+    name: str
+    family: str | None
+    names: NameMap
+    prefix: str
+    flat: bool = False
+    factors: tuple[tuple[str, str], ...] = ((".lora_down.weight", ".lora_up.weight"),)
+    text_encoders: Mapping[str, str] = field(default_factory=dict)
+    marker: str | None = None
+
+    def _roles(self) -> dict[str, str]:
+        roles = {suffix: role for pair in self.factors for suffix, role in zip(pair, ("down", "up"))}
+        return {**roles, ".alpha": "alpha"}
+
+    def _split(self, key: str) -> tuple[str, str] | None:
+        return next(((key[: -len(s)], role) for s, role in self._roles().items() if key.endswith(s)), None)
+
+    def _targets(self, stem: str) -> tuple[Rule, list[str]] | None:
+        if stem.startswith(self.prefix):
+            return self.names.to_canonical(stem[len(self.prefix) :], flat=self.flat)
+        for prefix, component in self.text_encoders.items():
+            if stem.startswith(prefix):
+                path = stem[len(prefix) :]
+                return Rule(path, (path,)), [text_encoder_path(component, path, flat=self.flat)]
+        return None
+
+    def detect(self, path: Path, keys: list[str]) -> bool:
+        """A file whose keys all carry this layout's prefixes and name at least one of the family's modules."""
+        if path.is_dir() or not keys or not all(k.startswith((self.prefix, *self.text_encoders)) for k in keys):
+            return False
+        stems = {split[0][len(self.prefix) :] for k in keys if k.startswith(self.prefix) and (split := self._split(k))}
+        if self.marker is not None:
+            return any(re.search(self.marker, stem) for stem in stems)
+        return any(self.names.to_canonical(stem, flat=self.flat) for stem in stems)
+
+    def parse(self, source: TensorSource) -> dict[str, ModuleEntry]:
+        """Canonical module name → entry for every module of a state dict in this layout; refuses unknown keys."""
+        keys = source.keys()
+        found: dict[str, dict[str, str]] = {}
+        for key in keys:
+            if split := self._split(key):
+                found.setdefault(split[0], {})[split[1]] = key
+        entries: dict[str, ModuleEntry] = {}
+        used: set[str] = set()
+        for stem, roles in found.items():
+            targets = self._targets(stem)
+            if targets is None:
+                continue
+            if "down" not in roles or "up" not in roles:
+                raise AdapterFormatError(f"{source.name}: module {stem!r} has only one of its down/up factors")
+            rank, in_features = source.shape(roles["down"])[:2]
+            alpha = float(source.get(roles["alpha"])) if "alpha" in roles else 0.0
+            scale = alpha / rank if alpha else 1.0
+            rule, names = targets
+            out_features = source.shape(roles["up"])[0]
+            for name, rows in zip(names, rule.rows(out_features, in_features, f"{source.name}: {stem}")):
+                if name in entries:
+                    raise AdapterFormatError(f"{source.name}: two modules map to {name!r} (the second is {stem!r})")
+                entries[name] = ModuleEntry(roles["down"], roles["up"], scale, rows=rows)
+            used.update(roles.values())
+        take_unused(keys, used, source, self.name)
+        return entries
+
+    def _adapter(self, source: TensorSource, name: str) -> Adapter:
+        return lazy_adapter(source, self.parse(source), name, format=self.name)
+
+    def load(self, path: str | Path, *, allow_pickle: bool = False) -> Adapter:
+        """Read a LoRA file in this layout, lazily, under the family's canonical module names."""
+        path = Path(path)
+        if path.is_dir():
+            raise AdapterFormatError(f"{path}: a {self.name} LoRA is one file; pass the file itself")
+        return self._adapter(open_source(path, allow_pickle=allow_pickle), path.stem)
+
+    def from_state_dict(self, state_dict: Mapping[str, torch.Tensor], name: str = "adapter") -> Adapter:
+        """An adapter from an in-memory state dict in this layout."""
+        return self._adapter(DictSource(state_dict, name=name), name)
+
+    def _stem(self, name: str) -> tuple[str, int, Rule]:
+        if found := self.names.from_canonical(name):
+            original, index, rule = found
+            return self.prefix + (original.replace(".", "_") if self.flat else original), index, rule
+        component, _, path = name.partition(".")
+        prefix = next((p for p, c in self.text_encoders.items() if c == component), None)
+        if prefix is None or not path:
+            raise AdapterFormatError(
+                f"module {name!r} has no name in the {self.name} layout; write the adapter with "
+                "--format diffusers or --format peft"
+            )
+        return prefix + (path.replace(".", "_") if self.flat else path), 0, Rule(path, (path,))
+
+    def to_state_dict(self, adapter: Adapter, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """The state dict of an adapter in this layout: fused projections joined, scale folded, alpha = rank.
+
+        Raises:
+            AdapterFormatError: for modules the layout cannot name, DoRA modules, or an empty adapter.
+        """
+        if not len(adapter):
+            raise AdapterFormatError(f"adapter {adapter.name!r} has no modules to write")
+        dtype = dtype or adapter.metadata.dtype
+        groups: dict[str, tuple[Rule, dict[int, LowRank]]] = {}
+        for name, lowrank in adapter.items():
+            if lowrank.magnitude is not None:
+                raise AdapterFormatError(
+                    f"adapter {adapter.name!r}, module {name!r} is a DoRA module; {self.name} files hold plain LoRA, "
+                    "so write it with --format diffusers or --format peft"
+                )
+            stem, index, rule = self._stem(name)
+            groups.setdefault(stem, (rule, {}))[1][index] = lowrank
+        down_suffix, up_suffix = self.factors[0]
+        tensors: dict[str, torch.Tensor] = {}
+        for stem, (rule, parts) in groups.items():
+            down, up = join_parts(rule, parts, f"adapter {adapter.name!r}").to(dtype).weights()
+            tensors[stem + down_suffix] = down
+            tensors[stem + up_suffix] = up
+            tensors[stem + ".alpha"] = torch.tensor(float(down.shape[0]), dtype=dtype)
+        return tensors
+
+    def save(
+        self, adapter: Adapter, path: str | Path, *, overwrite: bool = False, dtype: torch.dtype | None = None
+    ) -> Path:
+        """Write `adapter` as one `.safetensors` file in this layout, atomically. Returns the file."""
+        path = Path(path)
+        if path.suffix != ".safetensors":
+            raise AdapterFormatError(f"{path}: a {self.name} LoRA is one file; give a path ending in .safetensors")
+        tensors = self.to_state_dict(adapter, dtype)
+        with atomic_path(path, overwrite=overwrite) as tmp:
+            save_tensors(tensors, tmp, {"format": "pt", **provenance_metadata(adapter.metadata.extra)})
+        return path
