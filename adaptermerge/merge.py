@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from .adapter import Adapter, AdapterMetadata, check_compatible, module_union
 from .errors import IncompatibleAdaptersError, InvalidParameterError
-from .io import load_adapter
+from .io import check_same_family, load_adapter
 from .io.base import BaseWeights
 from .lowrank import LowRank, truncate
 from .methods import get_method
@@ -137,6 +137,7 @@ def merge_adapters(
         params = {**params, "rank": rank}
     method_params = merge_method.make_params(params)
     loaded = load_adapters(adapters, allow_pickle=allow_pickle)
+    check_same_family(loaded)
     resolvers = check_weights(weights, len(loaded))
     if not merge_method.per_module:
         if any(r.uniform is None for r in resolvers):

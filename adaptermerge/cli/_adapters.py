@@ -12,13 +12,14 @@ from rich.console import Console
 from rich.table import Table
 
 from ..bundle import is_bundle
-from ..io import load_adapter, save_adapter
+from ..io import load_adapter, model_family, save_adapter
 from ..lowrank import norm
 from ..merge import load_adapters, merge_adapters
 from ..methods import list_methods
 from ..training.orthogonal import check_disjoint
 from ._options import (
     DTYPES,
+    FORMAT_NAMES,
     allow_pickle_option,
     dtype_option,
     format_option,
@@ -119,6 +120,7 @@ def describe(path: str, *, allow_pickle: bool = False) -> dict[str, Any]:
     return {
         "path": str(path),
         "format": adapter.metadata.format,
+        "family": model_family(adapter),
         "base_model": adapter.metadata.base_model,
         "dtype": str(adapter.metadata.dtype).removeprefix("torch."),
         "modules": len(modules),
@@ -145,7 +147,8 @@ def inspect(path: str, as_json: bool, allow_pickle: bool) -> None:
         return
     console = Console()
     console.print(
-        f"[bold]{info['path']}[/bold]  format={info['format']}  base_model={info['base_model'] or '?'}  "
+        f"[bold]{info['path']}[/bold]  format={info['format']}  family={info['family'] or '?'}  "
+        f"base_model={info['base_model'] or '?'}  "
         f"dtype={info['dtype']}  modules={info['modules']}  parameters={info['parameters']:,}  ranks={info['ranks']}"
     )
     table = Table("module", "shape", "rank", "scale", "alpha≡scale·r", "‖ΔW‖", "DoRA")
@@ -166,7 +169,7 @@ def inspect(path: str, as_json: bool, allow_pickle: bool) -> None:
 @click.command()
 @click.argument("path")
 @click.option(
-    "--to", "to_format", type=click.Choice(["peft", "kohya", "diffusers"]), required=True, help="Target format."
+    "--to", "to_format", type=click.Choice(FORMAT_NAMES), required=True, help="Target format or trainer layout."
 )
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Where to write the result.")
 @dtype_option

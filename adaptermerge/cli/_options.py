@@ -15,8 +15,10 @@ import click
 import torch
 
 from ..errors import InvalidParameterError
+from ..io import FORMATS, LAYOUTS
 from ..methods import list_methods
 
+FORMAT_NAMES = [*FORMATS, *LAYOUTS]
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
@@ -91,9 +93,9 @@ def parse_weights(text: str | None) -> list[Any] | None:
 format_option = click.option(
     "--format",
     "output_format",
-    type=click.Choice(["peft", "kohya", "diffusers"]),
+    type=click.Choice(FORMAT_NAMES),
     default=None,
-    help="Output format; the first input's format by default.",
+    help="Output format or trainer layout (kohya-flux, comfyui-wan, ...); the first input's format by default.",
 )
 dtype_option = click.option(
     "--dtype",

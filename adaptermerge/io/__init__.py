@@ -14,8 +14,18 @@ import torch
 from ..adapter import Adapter
 from ..errors import AdapterFormatError
 from ._detect import _HUB_ID, FORMATS, LAYOUTS, detect_format, format_module
+from ._family import check_same_family, model_family
 
-__all__ = ["FORMATS", "LAYOUTS", "detect_format", "load_adapter", "resolve_path", "save_adapter"]
+__all__ = [
+    "FORMATS",
+    "LAYOUTS",
+    "check_same_family",
+    "detect_format",
+    "load_adapter",
+    "model_family",
+    "resolve_path",
+    "save_adapter",
+]
 
 
 def resolve_path(path_or_id: str | Path, *, allow_pickle: bool = False) -> Path:

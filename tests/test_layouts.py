@@ -1,0 +1,289 @@
+"""Trainer layouts of DiT families: files built from each layout's documented key names (tiny dims, except where
+diffusers' converter hard-codes Flux.1's widths) read to the same ΔW per module as the pinned diffusers' converter
+makes of them, written back in their layout, and loaded by diffusers into tiny models built from configs."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers.loaders import lora_conversion_utils as host
+
+from adaptermerge import Adapter, LowRank, merge_adapters
+from adaptermerge.errors import AdapterFormatError
+from adaptermerge.io import (
+    detect_format,
+    diffusers,
+    flux,
+    load_adapter,
+    peft_state_dict,
+    qwen_image,
+    save_adapter,
+    wan,
+)
+from adaptermerge.io._layout import join_parts
+from adaptermerge.lowrank import concat, norm
+from tests.factories import dense
+
+H = 16  # hidden width of the tiny blocks
+FLUX_WIDTH = 3072  # diffusers' kohya and fal converters split single-block linear1 at Flux.1's own widths
+
+
+class Builder:
+    """A state dict of random LoRA factors under given key stems."""
+
+    def __init__(self, seed: int = 0, down: str = ".lora_down.weight", up: str = ".lora_up.weight") -> None:
+        self.generator = torch.Generator().manual_seed(seed)
+        self.down, self.up = down, up
+        self.state_dict: dict[str, torch.Tensor] = {}
+
+    def add(self, stem: str, out_features: int, in_features: int, rank: int, alpha: float | None = None) -> Builder:
+        self.state_dict[stem + self.down] = torch.randn(rank, in_features, generator=self.generator)
+        self.state_dict[stem + self.up] = torch.randn(out_features, rank, generator=self.generator)
+        if alpha is not None:
+            self.state_dict[f"{stem}.alpha"] = torch.tensor(float(alpha))
+        return self
+
+    def copy(self) -> dict[str, torch.Tensor]:
+        return {k: v.clone() for k, v in self.state_dict.items()}
+
+
+def host_updates(converted: dict[str, torch.Tensor]) -> Adapter:
+    """The updates of a state dict diffusers' converter returned. Its kohya Flux converter leaves the top-level
+    modules (final layer, embedders) without the `transformer.` prefix, so its loader drops them; they are compared
+    under the prefixed name."""
+    prefixed = {k if diffusers.split_component(k) else f"transformer.{k}": v for k, v in converted.items()}
+    return diffusers.from_state_dict(prefixed)
+
+
+def assert_same_updates(ours: Mapping[str, LowRank], theirs: Mapping[str, LowRank]) -> None:
+    """Every module's ΔW agrees, measured as ‖ΔW_ours − ΔW_theirs‖ from the factors (Flux.1-wide modules stay
+    factored: a dense 12288 × 3072 update per module would make the test slow)."""
+    assert set(ours) == set(theirs)
+    for name, update in ours.items():
+        difference = norm(concat([update, theirs[name]], [1.0, -1.0]).to(torch.float64))
+        assert difference <= 1e-5 * max(float(norm(update)), 1.0), name
+
+
+def kohya_flux(seed: int = 0, rank: int = 4, single: bool = True) -> Builder:
+    built = Builder(seed)
+    for i in range(2):
+        block = f"lora_unet_double_blocks_{i}"
+        built.add(f"{block}_img_attn_qkv", 3 * H, H, rank, alpha=rank / 2)
+        built.add(f"{block}_txt_attn_qkv", 3 * H, H, rank, alpha=2 * rank)
+        built.add(f"{block}_img_attn_proj", H, H, rank)
+        built.add(f"{block}_txt_attn_proj", H, H, rank, alpha=1)
+        built.add(f"{block}_img_mlp_0", 4 * H, H, rank, alpha=rank)
+        built.add(f"{block}_img_mlp_2", H, 4 * H, rank)
+        built.add(f"{block}_txt_mlp_0", 4 * H, H, rank)
+        built.add(f"{block}_txt_mlp_2", H, 4 * H, rank)
+        built.add(f"{block}_img_mod_lin", 6 * H, H, rank, alpha=1)
+        built.add(f"{block}_txt_mod_lin", 6 * H, H, rank)
+    if single:
+        built.add("lora_unet_single_blocks_0_linear1", 7 * FLUX_WIDTH, FLUX_WIDTH, 1, alpha=0.5)
+        built.add("lora_unet_single_blocks_0_linear2", FLUX_WIDTH, 5 * FLUX_WIDTH, 1)
+        built.add("lora_unet_single_blocks_0_modulation_lin", 3 * H, H, rank)
+    # diffusers' converter ignores the alphas of the final layer (a TODO there), so these have none.
+    built.add("lora_unet_final_layer_adaLN_modulation_1", 2 * H, H, rank)
+    built.add("lora_unet_final_layer_linear", H, H, rank)
+    built.add("lora_unet_img_in", H, 8, rank, alpha=1)
+    built.add("lora_te1_text_model_encoder_layers_0_self_attn_q_proj", H, H, rank, alpha=1)
+    return built
+
+
+def test_kohya_flux_reads_like_diffusers_converter_with_qkv_parts_sharing_a(tmp_path):
+    built = kohya_flux()
+    assert detect_format_of(built.state_dict) == "kohya-flux"
+    ours = flux.KOHYA.from_state_dict(built.copy())
+    assert_same_updates(ours, host_updates(host._convert_kohya_flux_lora_to_diffusers(built.copy())))
+    q, k, v = (ours[f"transformer.transformer_blocks.0.attn.to_{p}"] for p in "qkv")
+    assert torch.equal(q.A, k.A) and torch.equal(k.A, v.A) and q.rank == 4
+    assert ours["transformer.single_transformer_blocks.0.proj_mlp"].shape == (4 * FLUX_WIDTH, FLUX_WIDTH)
+
+
+def test_comfyui_and_fal_flux_read_like_diffusers_converters():
+    built = Builder(1)
+    for name in ("double_blocks.0.img_attn.qkv", "double_blocks.0.txt_attn.qkv"):
+        built.add(f"diffusion_model.{name}", 3 * H, H, 2, alpha=1)
+    built.add("diffusion_model.double_blocks.0.img_mlp.0", 4 * H, H, 2)
+    built.add("diffusion_model.single_blocks.3.linear1", 7 * FLUX_WIDTH, FLUX_WIDTH, 1, alpha=2)
+    assert flux.COMFYUI.detect(Path("x.safetensors"), list(built.state_dict))
+    ours = flux.COMFYUI.from_state_dict(built.copy())
+    assert_same_updates(ours, host_updates(host._convert_kohya_flux_lora_to_diffusers(built.copy())))
+
+    fal = Builder(2, ".lora_A.weight", ".lora_B.weight")
+    prefix = "base_model.model."
+    for i in range(19):
+        block = f"{prefix}double_blocks.{i}"
+        for name, (out, inn) in {
+            "img_attn.qkv": (3 * H, H),
+            "txt_attn.qkv": (3 * H, H),
+            "img_attn.proj": (H, H),
+        }.items():
+            fal.add(f"{block}.{name}", out, inn, 1)
+        for name in (
+            "txt_attn.proj",
+            "img_mlp.0",
+            "img_mlp.2",
+            "txt_mlp.0",
+            "txt_mlp.2",
+            "img_mod.lin",
+            "txt_mod.lin",
+        ):
+            fal.add(f"{block}.{name}", H, H, 1)
+    for i in range(38):
+        fal.add(f"{prefix}single_blocks.{i}.linear1", 7 * FLUX_WIDTH, FLUX_WIDTH, 1)
+        fal.add(f"{prefix}single_blocks.{i}.linear2", H, 5 * H, 1)
+        fal.add(f"{prefix}single_blocks.{i}.modulation.lin", 3 * H, H, 1)
+    fal.add(f"{prefix}final_layer.linear", 8, H, 1)  # the only top-level module fal's converter takes
+    keys = list(fal.state_dict)
+    assert flux.FAL.detect(Path("x.safetensors"), keys) and not flux.KOHYA.detect(Path("x"), keys)
+    ours = flux.FAL.from_state_dict(fal.copy())
+    assert_same_updates(ours, host_updates(host._convert_fal_kontext_lora_to_diffusers(fal.copy())))
+
+
+def test_wan_comfyui_with_i2v_image_attention_and_musubi_read_like_diffusers_converters():
+    comfy = Builder(3)
+    for i in range(2):
+        for attn in ("self_attn", "cross_attn"):
+            for proj in "qkvo":
+                comfy.add(f"diffusion_model.blocks.{i}.{attn}.{proj}", H, H, 2, alpha=1 if proj == "q" else None)
+        for proj in ("k_img", "v_img"):
+            comfy.add(f"diffusion_model.blocks.{i}.cross_attn.{proj}", H, H, 2, alpha=4)
+        comfy.add(f"diffusion_model.blocks.{i}.ffn.0", 4 * H, H, 2).add(
+            f"diffusion_model.blocks.{i}.ffn.2", H, 4 * H, 2
+        )
+    comfy.add("diffusion_model.head.head", 8, H, 2).add("diffusion_model.text_embedding.0", H, 12, 2)
+    comfy.add("diffusion_model.img_emb.proj.1", H, H, 2)
+    assert detect_format_of(comfy.state_dict) == "comfyui-wan"
+    ours = wan.COMFYUI.from_state_dict(comfy.copy())
+    assert "transformer.blocks.1.attn2.add_k_proj" in ours
+    assert_same_updates(ours, host_updates(host._convert_non_diffusers_wan_lora_to_diffusers(comfy.copy())))
+
+    musubi = Builder(4)
+    for i in range(2):
+        for attn in ("self_attn", "cross_attn"):
+            for proj in ("q", "k", "v", "o"):
+                musubi.add(f"lora_unet_blocks_{i}_{attn}_{proj}", H, H, 2, alpha=1)
+        musubi.add(f"lora_unet_blocks_{i}_cross_attn_k_img", H, H, 2, alpha=1)
+        musubi.add(f"lora_unet_blocks_{i}_cross_attn_v_img", H, H, 2, alpha=8)
+        musubi.add(f"lora_unet_blocks_{i}_ffn_0", 4 * H, H, 2, alpha=2).add(
+            f"lora_unet_blocks_{i}_ffn_2", H, 4 * H, 2, 2
+        )
+    assert detect_format_of(musubi.state_dict) == "musubi-wan"
+    ours = wan.MUSUBI.from_state_dict(musubi.copy())
+    assert_same_updates(ours, host_updates(host._convert_musubi_wan_lora_to_diffusers(musubi.copy())))
+
+
+def detect_format_of(state_dict: dict[str, torch.Tensor]) -> str:
+    """The format detection picks for a file holding `state_dict`."""
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "lora.safetensors"
+        save_file(state_dict, path)
+        return detect_format(path)
+
+
+def test_qwen_image_comfyui_and_prefixless_peft_state_dicts_read_like_diffusers():
+    comfy = Builder(5)
+    for name in ("attn.to_q", "attn.add_k_proj", "img_mlp.net.0.proj", "txt_mod.1"):
+        comfy.add(f"diffusion_model.transformer_blocks.0.{name}", H, H, 2, alpha=1)
+    assert detect_format_of(comfy.state_dict) == "comfyui-qwen-image"
+    ours = qwen_image.COMFYUI.from_state_dict(comfy.copy())
+    assert_same_updates(ours, host_updates(host._convert_non_diffusers_qwen_lora_to_diffusers(comfy.copy())))
+
+    peft_sd = Builder(6, ".lora_A.weight", ".lora_B.weight")
+    peft_sd.add("transformer_blocks.0.attn.to_q", H, H, 2).add("single_transformer_blocks.1.proj_mlp", 4 * H, H, 2)
+    assert detect_format_of(peft_sd.state_dict) == "peft-transformer"
+    ours = peft_state_dict.LAYOUT.from_state_dict(peft_sd.copy())
+    prefixed = {f"transformer.{k}": v for k, v in peft_sd.copy().items()}
+    assert_same_updates(ours, diffusers.from_state_dict(prefixed))
+
+
+def test_kohya_flux_round_trip_keeps_keys_and_a_merge_keeps_qkv_a_shared(tmp_path):
+    first, second = kohya_flux(7, single=False), kohya_flux(8, rank=2, single=False)
+    paths = []
+    for i, built in enumerate((first, second)):
+        paths.append(tmp_path / f"in{i}.safetensors")
+        save_adapter(flux.KOHYA.from_state_dict(built.copy()), paths[-1], format="kohya-flux")
+    again = load_adapter(paths[0])
+    assert_same_updates(again, flux.KOHYA.from_state_dict(first.copy()))
+    assert {k.rsplit(".", 2)[0] for k in flux.KOHYA.to_state_dict(again)} == {
+        k.rsplit(".", 2)[0] for k in first.state_dict
+    }
+
+    merged = merge_adapters(paths, [0.7, -0.4])
+    out = save_adapter(merged, tmp_path / "merged.safetensors")
+    assert detect_format(out) == "kohya-flux"  # the inputs' shared layout by default
+    written = flux.KOHYA.to_state_dict(merged)
+    # q, k and v share the concatenated A: the fused module has rank 4 + 2, not 3 × 6.
+    assert written["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"].shape == (6, H)
+    theirs = flux.KOHYA.from_state_dict(second.copy())
+    expected = {
+        name: concat([a, theirs[name]], [0.7, -0.4]) for name, a in flux.KOHYA.from_state_dict(first.copy()).items()
+    }
+    assert_same_updates(load_adapter(out), expected)
+    host_read = host_updates(host._convert_kohya_flux_lora_to_diffusers(dict(written)))
+    assert_same_updates(load_adapter(out), host_read)
+
+
+def test_fused_parts_with_different_a_join_block_diagonally_and_missing_parts_are_zero():
+    from tests.factories import random_lowrank
+
+    q, v = random_lowrank(H, H, 2, seed=1), random_lowrank(H, H, 3, seed=2)
+    rule = flux.NAMES.to_canonical("double_blocks.0.img_attn.qkv")[0]
+    joined = join_parts(rule, {0: q, 2: v}, "test")
+    assert joined.rank == 5 and joined.shape == (3 * H, H)
+    expected = torch.cat([q.to_dense(), torch.zeros(H, H, dtype=torch.float64), v.to_dense()])
+    torch.testing.assert_close(joined.to_dense(), expected)
+
+
+def test_modules_a_layout_cannot_name_are_refused_naming_the_module():
+    peft_names = flux.KOHYA.from_state_dict(kohya_flux(single=False).copy())
+    stray = peft_names.with_modules({"transformer.blocks.0.attn1.to_q": next(iter(peft_names.values()))})
+    with pytest.raises(AdapterFormatError, match=r"blocks\.0\.attn1\.to_q.*kohya-flux"):
+        flux.KOHYA.to_state_dict(stray)
+
+
+def _tiny_flux():
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    return FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=8,
+        num_layers=2,
+        num_single_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        pooled_projection_dim=16,
+        axes_dims_rope=(2, 2, 4),
+    )
+
+
+def test_written_kohya_flux_file_loads_into_a_tiny_flux_transformer_with_the_reference_weights(tmp_path):
+    adapter = flux.KOHYA.from_state_dict(kohya_flux(9, single=False).copy())
+    model = _tiny_flux()
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    path = save_adapter(adapter, tmp_path / "out.safetensors", format="kohya-flux")
+    from safetensors.torch import load_file
+
+    converted = host._convert_kohya_flux_lora_to_diffusers(load_file(path))
+    # The converter leaves the final layer and embedders without `transformer.`, so diffusers loads the blocks only.
+    converted = {k: v for k, v in converted.items() if k.startswith("transformer.")}
+    loaded = {k.rsplit(".lora_", 1)[0] for k in converted}
+    assert len(loaded) == 2 * (8 + 2 * 3)  # per block: 8 plain modules, two fused qkv split in three each
+    model.load_lora_adapter(converted, prefix="transformer", adapter_name="merged")
+    model.fuse_lora()
+    fused = model.state_dict()
+    updates = dense(adapter)
+    for name in loaded:
+        key = name.removeprefix("transformer.") + ".weight"
+        fused_key = key if key in fused else key.replace(".weight", ".base_layer.weight")
+        torch.testing.assert_close(fused[fused_key].double(), base[key].double() + updates[name], rtol=1e-4, atol=1e-4)
