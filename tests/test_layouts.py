@@ -17,7 +17,9 @@ from adaptermerge.io import (
     detect_format,
     diffusers,
     flux,
+    kohya,
     load_adapter,
+    model_family,
     peft_state_dict,
     qwen_image,
     save_adapter,
@@ -177,6 +179,10 @@ def test_wan_comfyui_with_i2v_image_attention_and_musubi_read_like_diffusers_con
     assert_same_updates(ours, host_updates(host._convert_musubi_wan_lora_to_diffusers(musubi.copy())))
 
 
+def load_kohya(state_dict: dict[str, torch.Tensor]) -> Adapter:
+    return kohya.from_state_dict(state_dict)
+
+
 def detect_format_of(state_dict: dict[str, torch.Tensor]) -> str:
     """The format detection picks for a file holding `state_dict`."""
     import tempfile
@@ -287,3 +293,48 @@ def test_written_kohya_flux_file_loads_into_a_tiny_flux_transformer_with_the_ref
         key = name.removeprefix("transformer.") + ".weight"
         fused_key = key if key in fused else key.replace(".weight", ".base_layer.weight")
         torch.testing.assert_close(fused[fused_key].double(), base[key].double() + updates[name], rtol=1e-4, atol=1e-4)
+
+
+def test_onetrainer_flux_and_kohya_qwen_image_read_like_diffusers_converters():
+    onetrainer = Builder(10)
+    # Attention and embedders only: diffusers' converter of these files names every other block module by its block
+    # alone (`transformer_blocks.0` for `…_ff_net_0_proj`), so its loader cannot place them.
+    for name in (
+        "transformer_blocks_0_attn_to_q",
+        "transformer_blocks_0_attn_add_k_proj",
+        "transformer_blocks_1_attn_to_out_0",
+    ):
+        onetrainer.add(f"lora_transformer_{name}", H, H, 2, alpha=1)
+    onetrainer.add("lora_transformer_single_transformer_blocks_1_attn_to_k", H, H, 2, alpha=4)
+    onetrainer.add("lora_transformer_time_text_embed_guidance_embedder_linear_1", H, H, 2, alpha=2)
+    onetrainer.add("lora_te1_text_model_encoder_layers_0_mlp_fc1", H, H, 2, alpha=2)
+    assert detect_format_of(onetrainer.state_dict) == "kohya"
+    ours = load_kohya(onetrainer.copy())
+    assert model_family(ours) == "Flux.1"
+    assert_same_updates(ours, host_updates(host._convert_kohya_flux_lora_to_diffusers(onetrainer.copy())))
+
+    qwen = Builder(11)
+    for name in ("attn_to_q", "attn_add_q_proj", "img_mlp_net_0_proj", "txt_mod_1", "attn_to_add_out"):
+        qwen.add(f"lora_unet_transformer_blocks_3_{name}", H, H, 2, alpha=1)
+    ours = load_kohya(qwen.copy())
+    assert model_family(ours) == "Qwen-Image"
+    assert_same_updates(ours, host_updates(host._convert_non_diffusers_qwen_lora_to_diffusers(qwen.copy())))
+
+
+def test_families_are_named_and_merges_across_families_refused_naming_both(tmp_path, capsys):
+    from click.testing import CliRunner
+
+    from adaptermerge.cli import main
+    from adaptermerge.errors import IncompatibleAdaptersError
+
+    flux_file, wan_file = tmp_path / "flux.safetensors", tmp_path / "wan.safetensors"
+    save_adapter(flux.KOHYA.from_state_dict(kohya_flux(12, single=False).copy()), flux_file, format="kohya-flux")
+    save_adapter(wan.MUSUBI.from_state_dict(Builder(13).add("lora_unet_blocks_0_ffn_0", H, H, 2).copy()), wan_file)
+    result = CliRunner().invoke(main, ["inspect", str(flux_file)])
+    assert result.exit_code == 0 and "family=Flux.1" in result.output and "format=kohya-flux" in result.output
+    with pytest.raises(IncompatibleAdaptersError, match=r"'flux' is Flux\.1, 'wan' is Wan"):
+        merge_adapters([flux_file, wan_file])
+    result = CliRunner().invoke(
+        main, ["merge", str(flux_file), str(wan_file), "-o", str(tmp_path / "out.safetensors")]
+    )
+    assert result.exit_code == 2 and "different model families" in result.output

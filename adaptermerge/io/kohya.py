@@ -45,6 +45,7 @@ PREFIXES = {
     "lora_te1_": "text_encoder",
     "lora_te2_": "text_encoder_2",
     "lora_te3_": "text_encoder_3",
+    "lora_transformer_": "transformer",  # OneTrainer's DiT files (Flux.1), diffusers module names
 }
 _SUFFIXES = {".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha"}
 _LYCORIS = ("lora_mid", "hada_", "lokr_", "dora_scale", ".diff", "oft_")
@@ -62,6 +63,7 @@ _WORDS = frozenset(
         *("text_embedder", "text_model", "text_projection", "time_emb_proj", "time_embed", "time_embedding"),
         *("time_text_embed", "timestep_embedder", "to_add_out", "to_k", "to_out", "to_q", "to_v", "token_embedding"),
         *("transformer_blocks", "up_blocks", "v_proj", "wi_0", "wi_1", "x_embedder"),
+        *("img_in", "img_mlp", "img_mod", "txt_in", "txt_mlp", "txt_mod"),  # Qwen-Image
     }
 )
 _LONGEST_WORD = max(word.count("_") + 1 for word in _WORDS)
