@@ -338,3 +338,100 @@ def test_families_are_named_and_merges_across_families_refused_naming_both(tmp_p
         main, ["merge", str(flux_file), str(wan_file), "-o", str(tmp_path / "out.safetensors")]
     )
     assert result.exit_code == 2 and "different model families" in result.output
+
+
+def wan_with_side_cars(seed: int) -> Builder:
+    """A lightx2v-style ComfyUI Wan LoRA: factors plus bias deltas, a norm delta and a modulation delta."""
+    built = Builder(seed)
+    for proj in "qkvo":
+        built.add(f"diffusion_model.blocks.0.self_attn.{proj}", H, H, 2, alpha=1)
+        built.state_dict[f"diffusion_model.blocks.0.self_attn.{proj}.diff_b"] = torch.randn(
+            H, generator=built.generator
+        )
+    built.add("diffusion_model.blocks.0.ffn.0", 4 * H, H, 2)
+    built.state_dict["diffusion_model.blocks.0.norm3.diff"] = torch.randn(H, generator=built.generator)
+    built.state_dict["diffusion_model.blocks.0.diff_m"] = torch.randn(1, 6, H, generator=built.generator)
+    return built
+
+
+def test_side_cars_are_read_summed_under_every_method_and_written_back(tmp_path):
+    first, second = wan_with_side_cars(20), wan_with_side_cars(21)
+    ours = wan.COMFYUI.from_state_dict(first.copy())
+    assert set(ours.side_cars) == {
+        *(f"transformer.blocks.0.attn1.{c}.diff_b" for c in ("to_q", "to_k", "to_v", "to_out.0")),
+        "transformer.blocks.0.norm3.diff",
+        "transformer.blocks.0.diff_m",
+    }
+    # diffusers' converter turns diff_b into peft's lora_B.bias of the same module (and drops the others).
+    host_sd = host._convert_non_diffusers_wan_lora_to_diffusers(first.copy())
+    torch.testing.assert_close(
+        ours.side_cars["transformer.blocks.0.attn1.to_q.diff_b"],
+        host_sd["transformer.blocks.0.attn1.to_q.lora_B.bias"],
+    )
+    paths = []
+    for i, built in enumerate((first, second)):
+        paths.append(tmp_path / f"wan{i}.safetensors")
+        save_adapter(wan.COMFYUI.from_state_dict(built.copy()), paths[-1])
+    for method, params in (("linear", {}), ("ties", {"density": 0.5}), ("svd", {})):
+        merged = merge_adapters(paths, [0.6, 0.3], method, rank=2 if method == "svd" else None, **params)
+        for name in ours.side_cars:
+            key = first_key(first.state_dict, name)
+            expected = 0.6 * first.state_dict[key] + 0.3 * second.state_dict[key]
+            torch.testing.assert_close(merged.side_cars[name], expected, msg=f"{method} {name}")
+    out = save_adapter(merged, tmp_path / "merged.safetensors")
+    from safetensors.torch import load_file
+
+    written = load_file(out)
+    expected = (
+        0.6 * first.state_dict["diffusion_model.blocks.0.diff_m"]
+        + 0.3 * second.state_dict["diffusion_model.blocks.0.diff_m"]
+    )
+    torch.testing.assert_close(written["diffusion_model.blocks.0.diff_m"], expected)
+    side_car_keys = {k for k in first.state_dict if k.endswith((".diff", ".diff_b", ".diff_m"))}
+    assert {k for k in written if k.endswith((".diff", ".diff_b", ".diff_m"))} == side_car_keys
+    with pytest.raises(AdapterFormatError, match=r"side-car tensors .*--format comfyui-wan"):
+        save_adapter(merged, tmp_path / "merged_diffusers.safetensors", format="diffusers")
+
+
+def first_key(state_dict: dict[str, torch.Tensor], side_car: str) -> str:
+    """The ComfyUI Wan key of a side-car read as `side_car` (the test files' naming)."""
+    module, _, kind = side_car.rpartition(".")
+    path = module.removeprefix("transformer.")
+    for ours, theirs in (("attn1.to_out.0", "self_attn.o"), ("attn1.to_", "self_attn.")):
+        path = path.replace(ours, theirs)
+    return f"diffusion_model.{path}.{kind}"
+
+
+def test_fused_side_cars_split_like_b_and_join_back():
+    built = kohya_flux(22, single=False)
+    bias = torch.randn(3 * H, generator=built.generator)
+    built.state_dict["lora_unet_double_blocks_0_img_attn_qkv.diff_b"] = bias
+    ours = flux.KOHYA.from_state_dict(built.copy())
+    for i, proj in enumerate("qkv"):
+        torch.testing.assert_close(
+            ours.side_cars[f"transformer.transformer_blocks.0.attn.to_{proj}.diff_b"], bias[i * H : (i + 1) * H]
+        )
+    torch.testing.assert_close(flux.KOHYA.to_state_dict(ours)["lora_unet_double_blocks_0_img_attn_qkv.diff_b"], bias)
+
+
+def test_unknown_keys_are_refused_unless_skipped_and_then_counted(tmp_path):
+    from click.testing import CliRunner
+    from safetensors.torch import save_file
+
+    from adaptermerge.cli import main
+
+    built = wan_with_side_cars(23)
+    built.state_dict["diffusion_model.blocks.0.self_attn.q.lokr_w1"] = torch.ones(2, 2)
+    path = tmp_path / "odd.safetensors"
+    save_file(built.copy(), path)
+    with pytest.raises(AdapterFormatError, match="lokr_w1"):
+        load_adapter(path)
+    adapter = load_adapter(path, skip_unknown=True)
+    assert adapter.metadata.extra["unused_keys"] == ["diffusion_model.blocks.0.self_attn.q.lokr_w1"]
+    result = CliRunner().invoke(
+        main, ["-v", "merge", str(path), "--skip-unknown", "-o", str(tmp_path / "o.safetensors")]
+    )
+    assert result.exit_code == 0, result.output
+    assert "6 side-car tensors, 1 unused keys" in result.output and "unused key of odd: " in result.output
+    result = CliRunner().invoke(main, ["inspect", str(path), "--skip-unknown"])
+    assert "transformer.blocks.0.diff_m" in result.output and "1 unused keys" in result.output

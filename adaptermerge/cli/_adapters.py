@@ -27,6 +27,7 @@ from ._options import (
     overwrite_option,
     parse_weights,
     pop_method_params,
+    skip_unknown_option,
 )
 from ._rmm import show_bundle
 
@@ -60,6 +61,7 @@ def _quiet(ctx: click.Context) -> bool:
 @dtype_option
 @overwrite_option
 @allow_pickle_option
+@skip_unknown_option
 @method_options
 @click.pass_context
 def merge(ctx: click.Context, adapters: tuple[str, ...], output: Path, method: str, weights: str | None, **kwargs):
@@ -75,7 +77,7 @@ def merge(ctx: click.Context, adapters: tuple[str, ...], output: Path, method: s
     """
     params = pop_method_params(kwargs)
     start = time.perf_counter()
-    loaded = load_adapters(list(adapters), allow_pickle=kwargs["allow_pickle"])
+    loaded = load_adapters(list(adapters), allow_pickle=kwargs["allow_pickle"], skip_unknown=kwargs["skip_unknown"])
     check_disjoint(loaded)  # warns when orthogonal-adaptation concepts were given overlapping basis blocks
     merged = merge_adapters(
         loaded,
@@ -93,16 +95,22 @@ def merge(ctx: click.Context, adapters: tuple[str, ...], output: Path, method: s
     path = save_adapter(merged, output, format=kwargs["output_format"], overwrite=kwargs["overwrite"])
     if not _quiet(ctx):
         ranks = sorted({lr.rank for lr in merged.values()})
+        unused = {a.name: a.metadata.extra.get("unused_keys", []) for a in loaded}
         click.echo(
             f"Merged {len(adapters)} adapters with {method!r} into {path} "
             f"({len(merged)} modules, rank {ranks[0] if len(ranks) == 1 else f'{ranks[0]}-{ranks[-1]}'}, "
+            f"{len(merged.side_cars)} side-car tensors, {sum(map(len, unused.values()))} unused keys, "
             f"{time.perf_counter() - start:.2f} s)"
         )
+        if ctx.find_root().obj.get("verbose"):
+            for name, keys in unused.items():
+                for key in keys:
+                    click.echo(f"  unused key of {name}: {key}")
 
 
-def describe(path: str, *, allow_pickle: bool = False) -> dict[str, Any]:
+def describe(path: str, *, allow_pickle: bool = False, skip_unknown: bool = False) -> dict[str, Any]:
     """What `inspect` reports about one adapter, as plain data."""
-    adapter = load_adapter(path, allow_pickle=allow_pickle)
+    adapter = load_adapter(path, allow_pickle=allow_pickle, skip_unknown=skip_unknown)
     modules = []
     for name, lowrank in adapter.items():
         scale_of = getattr(adapter.modules, "entries", {}).get(name)
@@ -127,6 +135,11 @@ def describe(path: str, *, allow_pickle: bool = False) -> dict[str, Any]:
         "parameters": sum(m["parameters"] for m in modules),
         "ranks": sorted({m["rank"] for m in modules}),
         "per_module": modules,
+        "side_cars": [
+            {"name": name, "shape": list(tensor.shape), "norm": float(tensor.double().norm())}
+            for name, tensor in adapter.side_cars.items()
+        ],
+        "unused_keys": list(adapter.metadata.extra.get("unused_keys", [])),
     }
 
 
@@ -134,14 +147,15 @@ def describe(path: str, *, allow_pickle: bool = False) -> dict[str, Any]:
 @click.argument("path")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for machines instead of a table.")
 @allow_pickle_option
-def inspect(path: str, as_json: bool, allow_pickle: bool) -> None:
+@skip_unknown_option
+def inspect(path: str, as_json: bool, allow_pickle: bool, skip_unknown: bool) -> None:
     """Show an adapter's format, base model, modules, ranks, scales, size and per-module update norms.
 
     Norms are computed on the factors (Frobenius norm of scale·B·A), so this is fast even for large adapters.
     """
     if is_bundle(path):
         return show_bundle(path, as_json=as_json)
-    info = describe(path, allow_pickle=allow_pickle)
+    info = describe(path, allow_pickle=allow_pickle, skip_unknown=skip_unknown)
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
@@ -164,6 +178,13 @@ def inspect(path: str, as_json: bool, allow_pickle: bool) -> None:
             "yes" if m["dora"] else "",
         )
     console.print(table)
+    if info["side_cars"]:
+        side_cars = Table("side-car tensor (dense, summed by every method)", "shape", "‖·‖")
+        for car in info["side_cars"]:
+            side_cars.add_row(car["name"], "×".join(map(str, car["shape"])), f"{car['norm']:.4g}")
+        console.print(side_cars)
+    if info["unused_keys"]:
+        console.print(f"{len(info['unused_keys'])} unused keys: {', '.join(info['unused_keys'])}")
 
 
 @click.command()

@@ -104,6 +104,11 @@ dtype_option = click.option(
     help="Output dtype; the first input's dtype by default (math runs in float32 or better).",
 )
 overwrite_option = click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+skip_unknown_option = click.option(
+    "--skip-unknown",
+    is_flag=True,
+    help="Read trainer-layout files (kohya Flux, ComfyUI Wan, ...) with keys nothing understands, leaving them out.",
+)
 allow_pickle_option = click.option(
     "--allow-pickle", is_flag=True, help="Read .bin/.pt/.ckpt pickle checkpoints (only for files you trust)."
 )

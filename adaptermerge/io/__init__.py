@@ -15,6 +15,7 @@ from ..adapter import Adapter
 from ..errors import AdapterFormatError
 from ._detect import _HUB_ID, FORMATS, LAYOUTS, detect_format, format_module
 from ._family import check_same_family, model_family
+from ._layout import Layout
 
 __all__ = [
     "FORMATS",
@@ -47,7 +48,12 @@ def resolve_path(path_or_id: str | Path, *, allow_pickle: bool = False) -> Path:
 
 
 def load_adapter(
-    path: str | Path, *, format: str = "auto", allow_pickle: bool = False, name: str | None = None
+    path: str | Path,
+    *,
+    format: str = "auto",
+    allow_pickle: bool = False,
+    name: str | None = None,
+    skip_unknown: bool = False,
 ) -> Adapter:
     """Read an adapter lazily from a local path or hub id.
 
@@ -56,6 +62,9 @@ def load_adapter(
         format (`str`, defaults to `"auto"`): `"peft"`, `"kohya"`, `"diffusers"`, or `"auto"` to detect.
         allow_pickle (`bool`, defaults to `False`): read `.bin`/`.pt`/`.ckpt` checkpoints (unpickling can run code).
         name (`str`, *optional*): the adapter's name in tables and errors; the file or folder stem by default.
+        skip_unknown (`bool`, defaults to `False`): read a trainer-layout file (kohya Flux, ComfyUI Wan, ...) even
+            when it holds keys nothing understands, listing them in `metadata.extra["unused_keys"]`; the peft,
+            diffusers and kohya readers always refuse such keys.
 
     Raises:
         AdapterFormatError: for unknown formats and unreadable, empty or truncated files.
@@ -63,9 +72,13 @@ def load_adapter(
     """
     local = resolve_path(path, allow_pickle=allow_pickle)
     fmt = detect_format(local, allow_pickle=allow_pickle) if format == "auto" else format
-    adapter = format_module(fmt).load(local, allow_pickle=allow_pickle)
+    reader = format_module(fmt)
+    if isinstance(reader, Layout):
+        adapter = reader.load(local, allow_pickle=allow_pickle, skip_unknown=skip_unknown)
+    else:
+        adapter = reader.load(local, allow_pickle=allow_pickle)
     stem = local.stem if local.is_file() and local.name != "adapter_model.safetensors" else local.name
-    return Adapter(adapter.modules, adapter.metadata, name or stem or adapter.name)
+    return Adapter(adapter.modules, adapter.metadata, name or stem or adapter.name, adapter.side_cars)
 
 
 def save_adapter(
@@ -84,4 +97,13 @@ def save_adapter(
     """
     known = adapter.metadata.format in FORMATS or adapter.metadata.format in LAYOUTS
     fmt = format or (adapter.metadata.format if known else "peft")
-    return format_module(fmt).save(adapter, path, overwrite=overwrite, dtype=dtype)
+    writer = format_module(fmt)
+    if adapter.side_cars and not isinstance(writer, Layout):
+        shown = ", ".join(list(adapter.side_cars)[:3])
+        own = adapter.metadata.format
+        layout = own if own in LAYOUTS else f"one of {', '.join(LAYOUTS)}"
+        raise AdapterFormatError(
+            f"adapter {adapter.name!r} carries {len(adapter.side_cars)} side-car tensors ({shown}, ...), which "
+            f"{fmt} files cannot hold; write it in a trainer layout (--format {layout})"
+        )
+    return writer.save(adapter, path, overwrite=overwrite, dtype=dtype)

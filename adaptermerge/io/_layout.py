@@ -28,9 +28,12 @@ from ..errors import AdapterFormatError
 from ..lowrank import LowRank
 from ._source import DictSource, ModuleEntry, TensorSource, lazy_adapter, open_source, take_unused
 from ._write import atomic_path, provenance_metadata, save_tensors
-from .kohya import text_encoder_path
+from .kohya import component_path
 
 _INDEX = "{i}"
+# Key suffixes of full-rank side-car tensors and the kind they are carried as (see `Adapter.side_cars`).
+_SIDE_CARS = {".diff": "diff", ".diff_b": "diff_b", ".diff_m": "diff_m", ".lora_B.bias": "diff_b"}
+_WRITTEN_SIDE_CARS = {"diff": ".diff", "diff_b": ".diff_b", "diff_m": ".diff_m"}
 
 
 def _pattern(template: str, *, flat: bool) -> re.Pattern[str]:
@@ -46,8 +49,8 @@ class Rule:
         original (`str`): the path in the original model, e.g. `"double_blocks.{i}.img_attn.qkv"`.
         canonical (`tuple[str, ...]`): the canonical paths below the family's component; several for a fused
             projection, in the order of its rows.
-        sizes (`tuple[int, ...]`, *optional*): the parts' row counts in multiples of the module's input features
-            (Flux `linear1`: `(1, 1, 1, 4)`); equal parts when empty.
+        sizes (`tuple[int, ...]`, *optional*): the parts' relative row counts (Flux `linear1`: q, k, v and the MLP
+            input are `(1, 1, 1, 4)`); equal parts when empty.
         swap_halves (`bool`): the two halves of the rows are swapped (BFL's final `adaLN_modulation` is
             shift-then-scale, diffusers' `norm_out.linear` scale-then-shift).
     """
@@ -65,10 +68,10 @@ class Rule:
     def canonical_patterns(self) -> tuple[re.Pattern[str], ...]:
         return tuple(_pattern(name, flat=False) for name in self.canonical)
 
-    def part_sizes(self, out_features: int, in_features: int, where: str) -> list[int]:
+    def part_sizes(self, out_features: int, where: str) -> list[int]:
         """Rows of each part of a fused module with `out_features` rows."""
-        count = len(self.canonical)
-        sizes = [s * in_features for s in self.sizes] if self.sizes else [out_features // count] * count
+        relative = self.sizes or (1,) * len(self.canonical)
+        sizes = [out_features * s // sum(relative) for s in relative]
         if sum(sizes) != out_features:
             raise AdapterFormatError(
                 f"{where}: the fused module {self.original!r} has {out_features} output rows, which do not split "
@@ -76,15 +79,15 @@ class Rule:
             )
         return sizes
 
-    def rows(self, out_features: int, in_features: int, where: str) -> list[tuple[tuple[int, int], ...]]:
-        """The row ranges of `B` that make each canonical module."""
+    def rows(self, out_features: int, where: str) -> list[tuple[tuple[int, int], ...]]:
+        """The row ranges of `B` (or of a bias) that make each canonical module."""
         if self.swap_halves:
             half = out_features // 2
             return [((half, out_features), (0, half))]
         if len(self.canonical) == 1:
             return [()]
         bounds, start = [], 0
-        for size in self.part_sizes(out_features, in_features, where):
+        for size in self.part_sizes(out_features, where):
             bounds.append(((start, start + size),))
             start += size
         return bounds
@@ -127,25 +130,41 @@ class NameMap:
         return (path, 0, Rule(path, (path,))) if self.identity else None
 
 
+def _sizes(rule: Rule, known: Mapping[int, int], where: str) -> list[int]:
+    """Every part's rows of a fused module, from the rows of the parts at hand."""
+    relative = rule.sizes or (1,) * len(rule.canonical)
+    index, rows = next(iter(known.items()))
+    sizes = [rows * s // relative[index] for s in relative]
+    if any(sizes[i] != rows for i, rows in known.items()):
+        raise AdapterFormatError(f"{where}: the parts of {rule.original!r} have {dict(known)} rows, expected {sizes}")
+    return sizes
+
+
+def join_rows(rule: Rule, parts: Mapping[int, torch.Tensor], where: str) -> torch.Tensor:
+    """One module's dense side-car from its canonical parts (zeros for a part that has none), rows put back."""
+    if rule.swap_halves:
+        half = parts[0].shape[0] // 2
+        return torch.cat([parts[0][half:], parts[0][:half]])
+    if len(rule.canonical) == 1:
+        return parts[0]
+    first = next(iter(parts.values()))
+    sizes = _sizes(rule, {i: t.shape[0] for i, t in parts.items()}, where)
+    return torch.cat(
+        [parts[i] if i in parts else first.new_zeros(size, *first.shape[1:]) for i, size in enumerate(sizes)]
+    )
+
+
 def join_parts(rule: Rule, parts: Mapping[int, LowRank], where: str) -> LowRank:
     """One module's update from its canonical parts: rows permuted back, or fused projections joined exactly."""
     if rule.swap_halves:
         lowrank = parts[0]
-        half = lowrank.out_features // 2
-        return LowRank(lowrank.A, torch.cat([lowrank.B[half:], lowrank.B[:half]]), lowrank.kernel_size)
+        return LowRank(lowrank.A, join_rows(rule, {0: lowrank.B}, where), lowrank.kernel_size)
     if len(rule.canonical) == 1:
         return parts[0]
     present = [parts[i] for i in sorted(parts)]
     if any(lr.magnitude is not None for lr in present):
         raise AdapterFormatError(f"{where}: DoRA parts of a fused projection cannot be written as one module")
-    in_features = present[0].in_features
-    known = {i: lr.out_features for i, lr in parts.items()}
-    if rule.sizes:
-        sizes = [s * in_features for s in rule.sizes]
-    else:
-        sizes = [next(iter(known.values()))] * len(rule.canonical)
-    if any(sizes[i] != rows for i, rows in known.items()):
-        raise AdapterFormatError(f"{where}: the parts of {rule.original!r} have {known} rows, expected {sizes}")
+    sizes = _sizes(rule, {i: lr.out_features for i, lr in parts.items()}, where)
     dtype = functools.reduce(torch.promote_types, (lr.dtype for lr in present))
     first = present[0].A
     if all(lr.A.shape == first.shape and torch.equal(lr.A, first) for lr in present):
@@ -193,19 +212,24 @@ class Layout:
 
     def _roles(self) -> dict[str, str]:
         roles = {suffix: role for pair in self.factors for suffix, role in zip(pair, ("down", "up"))}
-        return {**roles, ".alpha": "alpha"}
+        return {**roles, ".alpha": "alpha", **_SIDE_CARS}
 
     def _split(self, key: str) -> tuple[str, str] | None:
         return next(((key[: -len(s)], role) for s, role in self._roles().items() if key.endswith(s)), None)
 
-    def _targets(self, stem: str) -> tuple[Rule, list[str]] | None:
-        if stem.startswith(self.prefix):
-            return self.names.to_canonical(stem[len(self.prefix) :], flat=self.flat)
+    def _targets(self, stem: str, *, side_car: bool = False) -> tuple[Rule, list[str]] | None:
+        """The rule and canonical names of a key stem; a side-car of a module no rule knows keeps its path."""
         for prefix, component in self.text_encoders.items():
             if stem.startswith(prefix):
                 path = stem[len(prefix) :]
-                return Rule(path, (path,)), [text_encoder_path(component, path, flat=self.flat)]
-        return None
+                return Rule(path, (path,)), [component_path(component, path, flat=self.flat)]
+        if not stem.startswith(self.prefix):
+            return None
+        path = stem[len(self.prefix) :]
+        found = self.names.to_canonical(path, flat=self.flat)
+        if found is None and side_car:
+            return Rule(path, (path,)), [component_path(self.names.component, path, flat=self.flat)]
+        return found
 
     def detect(self, path: Path, keys: list[str]) -> bool:
         """A file whose keys all carry this layout's prefixes and name at least one of the family's modules."""
@@ -216,54 +240,83 @@ class Layout:
             return any(re.search(self.marker, stem) for stem in stems)
         return any(self.names.to_canonical(stem, flat=self.flat) for stem in stems)
 
-    def parse(self, source: TensorSource) -> dict[str, ModuleEntry]:
-        """Canonical module name → entry for every module of a state dict in this layout; refuses unknown keys."""
+    def parse(self, source: TensorSource, *, skip_unknown: bool = False) -> tuple[dict, dict, list[str]]:
+        """What a state dict in this layout holds, under canonical names.
+
+        Returns:
+            `(entries, side_cars, unused)`: module name → :class:`ModuleEntry`, side-car name → `(key, rows)`, and
+            the keys nothing understood (empty unless `skip_unknown`).
+
+        Raises:
+            AdapterFormatError: for keys nothing understands (unless `skip_unknown`) and factors that do not pair.
+        """
         keys = source.keys()
         found: dict[str, dict[str, str]] = {}
         for key in keys:
             if split := self._split(key):
                 found.setdefault(split[0], {})[split[1]] = key
         entries: dict[str, ModuleEntry] = {}
+        side_cars: dict[str, tuple[str, tuple[tuple[int, int], ...]]] = {}
         used: set[str] = set()
         for stem, roles in found.items():
-            targets = self._targets(stem)
+            has_factors = "down" in roles or "up" in roles
+            targets = self._targets(stem, side_car=not has_factors)
             if targets is None:
                 continue
-            if "down" not in roles or "up" not in roles:
-                raise AdapterFormatError(f"{source.name}: module {stem!r} has only one of its down/up factors")
-            rank, in_features = source.shape(roles["down"])[:2]
-            alpha = float(source.get(roles["alpha"])) if "alpha" in roles else 0.0
-            scale = alpha / rank if alpha else 1.0
             rule, names = targets
-            out_features = source.shape(roles["up"])[0]
-            for name, rows in zip(names, rule.rows(out_features, in_features, f"{source.name}: {stem}")):
-                if name in entries:
-                    raise AdapterFormatError(f"{source.name}: two modules map to {name!r} (the second is {stem!r})")
-                entries[name] = ModuleEntry(roles["down"], roles["up"], scale, rows=rows)
+            where = f"{source.name}: {stem}"
+            if has_factors:
+                if "down" not in roles or "up" not in roles:
+                    raise AdapterFormatError(f"{source.name}: module {stem!r} has only one of its down/up factors")
+                rank = source.shape(roles["down"])[0]
+                alpha = float(source.get(roles["alpha"])) if "alpha" in roles else 0.0
+                scale = alpha / rank if alpha else 1.0
+                for name, rows in zip(names, rule.rows(source.shape(roles["up"])[0], where)):
+                    if name in entries:
+                        raise AdapterFormatError(
+                            f"{source.name}: two modules map to {name!r} (the second is {stem!r})"
+                        )
+                    entries[name] = ModuleEntry(roles["down"], roles["up"], scale, rows=rows)
+            for kind in set(roles) & set(_SIDE_CARS.values()):
+                key = roles[kind]
+                for name, rows in zip(names, rule.rows(source.shape(key)[0], where)):
+                    side_cars[f"{name}.{kind}"] = (key, rows)
             used.update(roles.values())
-        take_unused(keys, used, source, self.name)
-        return entries
+        if not skip_unknown:
+            take_unused(keys, used, source, self.name)
+        return entries, side_cars, [k for k in keys if k not in used]
 
-    def _adapter(self, source: TensorSource, name: str) -> Adapter:
-        return lazy_adapter(source, self.parse(source), name, format=self.name)
+    def _adapter(self, source: TensorSource, name: str, skip_unknown: bool = False) -> Adapter:
+        entries, side_cars, unused = self.parse(source, skip_unknown=skip_unknown)
+        extra = {"unused_keys": unused} if unused else {}
+        return lazy_adapter(source, entries, name, side_cars, format=self.name, extra=extra)
 
-    def load(self, path: str | Path, *, allow_pickle: bool = False) -> Adapter:
-        """Read a LoRA file in this layout, lazily, under the family's canonical module names."""
+    def load(self, path: str | Path, *, allow_pickle: bool = False, skip_unknown: bool = False) -> Adapter:
+        """Read a LoRA file in this layout, lazily, under the family's canonical module names.
+
+        Args:
+            skip_unknown (`bool`, defaults to `False`): leave out keys nothing understands (listed in
+                `metadata.extra["unused_keys"]`) instead of refusing the file.
+        """
         path = Path(path)
         if path.is_dir():
             raise AdapterFormatError(f"{path}: a {self.name} LoRA is one file; pass the file itself")
-        return self._adapter(open_source(path, allow_pickle=allow_pickle), path.stem)
+        return self._adapter(open_source(path, allow_pickle=allow_pickle), path.stem, skip_unknown)
 
-    def from_state_dict(self, state_dict: Mapping[str, torch.Tensor], name: str = "adapter") -> Adapter:
+    def from_state_dict(
+        self, state_dict: Mapping[str, torch.Tensor], name: str = "adapter", *, skip_unknown: bool = False
+    ) -> Adapter:
         """An adapter from an in-memory state dict in this layout."""
-        return self._adapter(DictSource(state_dict, name=name), name)
+        return self._adapter(DictSource(state_dict, name=name), name, skip_unknown)
 
-    def _stem(self, name: str) -> tuple[str, int, Rule]:
+    def _stem(self, name: str, *, side_car: bool = False) -> tuple[str, int, Rule]:
         if found := self.names.from_canonical(name):
             original, index, rule = found
             return self.prefix + (original.replace(".", "_") if self.flat else original), index, rule
         component, _, path = name.partition(".")
         prefix = next((p for p, c in self.text_encoders.items() if c == component), None)
+        if side_car and component == self.names.component:
+            prefix = self.prefix  # a side-car of a module no rule knows was read with its original path
         if prefix is None or not path:
             raise AdapterFormatError(
                 f"module {name!r} has no name in the {self.name} layout; write the adapter with "
@@ -290,12 +343,20 @@ class Layout:
             stem, index, rule = self._stem(name)
             groups.setdefault(stem, (rule, {}))[1][index] = lowrank
         down_suffix, up_suffix = self.factors[0]
+        where = f"adapter {adapter.name!r}"
         tensors: dict[str, torch.Tensor] = {}
         for stem, (rule, parts) in groups.items():
-            down, up = join_parts(rule, parts, f"adapter {adapter.name!r}").to(dtype).weights()
+            down, up = join_parts(rule, parts, where).to(dtype).weights()
             tensors[stem + down_suffix] = down
             tensors[stem + up_suffix] = up
             tensors[stem + ".alpha"] = torch.tensor(float(down.shape[0]), dtype=dtype)
+        side_cars: dict[tuple[str, str], tuple[Rule, dict[int, torch.Tensor]]] = {}
+        for name, tensor in adapter.side_cars.items():
+            module, _, kind = name.rpartition(".")
+            stem, index, rule = self._stem(module, side_car=True)
+            side_cars.setdefault((stem, kind), (rule, {}))[1][index] = tensor
+        for (stem, kind), (rule, parts) in side_cars.items():
+            tensors[stem + _WRITTEN_SIDE_CARS[kind]] = join_rows(rule, parts, where).to(dtype)
         return tensors
 
     def save(

@@ -236,8 +236,37 @@ class LazyModules(Mapping[str, LowRank]):
         return name in self.entries
 
 
-def lazy_adapter(source: TensorSource, entries: Mapping[str, ModuleEntry], name: str, **metadata: Any) -> Adapter:
-    """An adapter whose modules are read from `source` on access; `metadata` fills :class:`AdapterMetadata`.
+class LazyTensors(Mapping[str, torch.Tensor]):
+    """Side-car name → dense tensor, read from the source on access: `(key, rows)` per name, rows as in
+    :class:`ModuleEntry` (a fused module's bias or delta split like its `B`)."""
+
+    def __init__(self, source: TensorSource, keys: Mapping[str, tuple[str, tuple[tuple[int, int], ...]]]) -> None:
+        self.source = source
+        self.keys_of = dict(keys)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        key, rows = self.keys_of[name]
+        tensor = ModuleEntry(key, key, rows=rows).take_rows(self.source.get(key))
+        if not torch.isfinite(tensor).all():
+            raise InvalidTensorError(f"{self.source.name}: side-car tensor {key!r} holds NaN or Inf values")
+        return tensor
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys_of)
+
+    def __len__(self) -> int:
+        return len(self.keys_of)
+
+
+def lazy_adapter(
+    source: TensorSource,
+    entries: Mapping[str, ModuleEntry],
+    name: str,
+    side_cars: Mapping[str, tuple[str, tuple[tuple[int, int], ...]]] | None = None,
+    **metadata: Any,
+) -> Adapter:
+    """An adapter whose modules (and side-car tensors) are read from `source` on access; `metadata` fills
+    :class:`AdapterMetadata`.
 
     Raises:
         AdapterFormatError: when the source holds no LoRA module.
@@ -246,7 +275,8 @@ def lazy_adapter(source: TensorSource, entries: Mapping[str, ModuleEntry], name:
     if not modules:
         raise AdapterFormatError(f"{source.name}: holds no LoRA modules")
     dtype = modules.dtype_of(next(iter(modules)))
-    return Adapter(modules, AdapterMetadata(source=source.name, dtype=dtype, **metadata), name)
+    metadata = AdapterMetadata(source=source.name, dtype=dtype, **metadata)
+    return Adapter(modules, metadata, name, LazyTensors(source, side_cars or {}))
 
 
 def take_unused(keys: list[str], used: set[str], source: TensorSource, what: str) -> None:

@@ -175,8 +175,8 @@ def module_name(lora_name: str) -> str:
     return canonical_name(component, path)
 
 
-def text_encoder_path(component: str, path: str, *, flat: bool) -> str:
-    """The adapter's name of a text encoder's module, its path dotted or kohya-flattened (`flat`)."""
+def component_path(component: str, path: str, *, flat: bool) -> str:
+    """The adapter's name of a module of `component` named by its path, dotted or kohya-flattened (`flat`)."""
     return canonical_name(component, _dotted(path) if flat else path)
 
 
