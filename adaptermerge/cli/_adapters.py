@@ -113,13 +113,13 @@ def describe(path: str, *, allow_pickle: bool = False, skip_unknown: bool = Fals
     adapter = load_adapter(path, allow_pickle=allow_pickle, skip_unknown=skip_unknown)
     modules = []
     for name, lowrank in adapter.items():
-        scale_of = getattr(adapter.modules, "entries", {}).get(name)
+        entry = getattr(adapter.modules, "entries", {}).get(name)
         modules.append(
             {
                 "module": name,
                 "shape": list(lowrank.shape) + list(lowrank.kernel_size),
                 "rank": lowrank.rank,
-                "scale": scale_of.scale if scale_of else 1.0,
+                "scale": getattr(entry, "scale", 1.0),  # a LoHa/LoKr module's scale is folded at read time
                 "parameters": lowrank.num_parameters,
                 "norm": float(norm(lowrank)),
                 "dora": lowrank.magnitude is not None,

@@ -185,6 +185,8 @@ class LazyModules(Mapping[str, LowRank]):
         self._shapes = {name: self._check_shapes(name, entry) for name, entry in self.entries.items()}
 
     def _check_shapes(self, name: str, entry: ModuleEntry) -> tuple[int, ...]:
+        if not isinstance(entry, ModuleEntry):  # a LyCORIS module (io.lycoris.LycorisEntry) checks itself
+            return entry.check(self.source, name)
         down, up = self.source.shape(entry.down_key), self.source.shape(entry.up_key)
         if len(down) not in (2, 4) or len(up) != len(down) or up[1] != down[0] or any(s != 1 for s in up[2:]):
             raise AdapterFormatError(
@@ -204,10 +206,12 @@ class LazyModules(Mapping[str, LowRank]):
         return self._shapes[name]
 
     def rank_of(self, name: str) -> int:
-        return self.source.shape(self.entries[name].down_key)[0]
+        entry = self.entries[name]
+        return self.source.shape(entry.down_key)[0] if isinstance(entry, ModuleEntry) else entry.rank(self.source)
 
     def dtype_of(self, name: str) -> torch.dtype:
-        return self.source.dtype(self.entries[name].down_key)
+        entry = self.entries[name]
+        return self.source.dtype(entry.down_key) if isinstance(entry, ModuleEntry) else entry.dtype(self.source)
 
     def has_magnitude(self, name: str) -> bool:
         """Whether the module is DoRA, from its keys alone."""
@@ -215,8 +219,11 @@ class LazyModules(Mapping[str, LowRank]):
 
     def __getitem__(self, name: str) -> LowRank:
         entry = self.entries[name]
-        up = entry.take_rows(self.source.get(entry.up_key))
-        lowrank = LowRank.from_weights(self.source.get(entry.down_key), up, entry.scale)
+        if not isinstance(entry, ModuleEntry):
+            lowrank = entry.read(self.source, name)
+        else:
+            up = entry.take_rows(self.source.get(entry.up_key))
+            lowrank = LowRank.from_weights(self.source.get(entry.down_key), up, entry.scale)
         if entry.magnitude_key is not None:
             magnitude = self.source.get(entry.magnitude_key).reshape(-1)
             lowrank = LowRank(lowrank.A, lowrank.B, lowrank.kernel_size, magnitude)
