@@ -435,3 +435,29 @@ def test_unknown_keys_are_refused_unless_skipped_and_then_counted(tmp_path):
     assert "6 side-car tensors, 1 unused keys" in result.output and "unused key of odd: " in result.output
     result = CliRunner().invoke(main, ["inspect", str(path), "--skip-unknown"])
     assert "transformer.blocks.0.diff_m" in result.output and "1 unused keys" in result.output
+
+
+def test_onetrainer_flux_merged_and_written_as_kohya_gets_the_kohya_flux_layout(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    built = Builder(30)
+    for proj in ("to_q", "to_k"):
+        built.add(f"lora_transformer_transformer_blocks_0_attn_{proj}", H, H, 2, alpha=1)
+    built.add("lora_transformer_single_transformer_blocks_0_attn_to_v", H, H, 2, alpha=4)
+    path = tmp_path / "onetrainer.safetensors"
+    save_file(built.copy(), path)
+    merged = merge_adapters([path, path], [0.5, 0.25])
+    out = save_adapter(merged, tmp_path / "out.safetensors", format="kohya")
+    assert detect_format(out) == "kohya-flux"
+    written = load_file(out)
+    # OneTrainer trains q and k with their own A: the fused qkv stacks them (rank 4 + 4, B block-diagonal), and the
+    # missing v rows are zero.
+    assert written["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"].shape == (8, H)
+    ours = load_adapter(out)
+    assert_same_updates(
+        {k: v for k, v in ours.items() if k in merged}, {k: concat([v], [1.0]) for k, v in merged.items()}
+    )
+    # diffusers' converter splits q/k/v at Flux.1's widths for single blocks, so compare the double block only
+    double = {k: v for k, v in written.items() if "double_blocks" in k}
+    theirs = host_updates(host._convert_kohya_flux_lora_to_diffusers(double))
+    assert_same_updates({k: ours[k] for k in theirs}, theirs)

@@ -17,6 +17,9 @@ from ._detect import _HUB_ID, FORMATS, LAYOUTS, detect_format, format_module
 from ._family import check_same_family, model_family
 from ._layout import Layout
 
+# The layout kohya's own trainers write for a family whose modules they name as the original code does.
+KOHYA_LAYOUTS = {"Flux.1": "kohya-flux", "Wan": "musubi-wan"}
+
 __all__ = [
     "FORMATS",
     "LAYOUTS",
@@ -91,12 +94,17 @@ def save_adapter(
 ) -> Path:
     """Write an adapter atomically in `format` (the adapter's own format by default).
 
+    A Flux.1 or Wan adapter written as `"kohya"` gets its family's kohya layout (`kohya-flux`, `musubi-wan`), the
+    BFL/Wan module names that sd-scripts and musubi-tuner write and that diffusers' kohya converters read.
+
     Raises:
         OutputExistsError: when `path` exists and `overwrite` is false.
         AdapterFormatError: for an unknown format or modules the format cannot express.
     """
     known = adapter.metadata.format in FORMATS or adapter.metadata.format in LAYOUTS
     fmt = format or (adapter.metadata.format if known else "peft")
+    if fmt == "kohya" and model_family(adapter) in KOHYA_LAYOUTS:
+        fmt = KOHYA_LAYOUTS[model_family(adapter)]
     writer = format_module(fmt)
     if adapter.side_cars and not isinstance(writer, Layout):
         shown = ", ".join(list(adapter.side_cars)[:3])
