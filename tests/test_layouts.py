@@ -461,3 +461,19 @@ def test_onetrainer_flux_merged_and_written_as_kohya_gets_the_kohya_flux_layout(
     double = {k: v for k, v in written.items() if "double_blocks" in k}
     theirs = host_updates(host._convert_kohya_flux_lora_to_diffusers(double))
     assert_same_updates({k: ours[k] for k in theirs}, theirs)
+
+
+def test_xlabs_flux_reads_like_diffusers_converter_and_round_trips():
+    xlabs = Builder(31, ".down.weight", ".up.weight")
+    for i in range(2):
+        for stream in "12":
+            xlabs.add(f"double_blocks.{i}.processor.qkv_lora{stream}", 3 * H, H, 4)
+            xlabs.add(f"double_blocks.{i}.processor.proj_lora{stream}", H, H, 4)
+    xlabs.add("single_blocks.0.processor.qkv_lora", 3 * H, H, 4).add("single_blocks.0.processor.proj_lora", H, H, 4)
+    assert detect_format_of(xlabs.state_dict) == "xlabs-flux"
+    ours = flux.XLABS.from_state_dict(xlabs.copy())
+    assert_same_updates(ours, host_updates(host._convert_xlabs_flux_lora_to_diffusers(xlabs.copy())))
+    written = flux.XLABS.to_state_dict(ours)
+    assert set(written) == set(xlabs.state_dict)  # x-flux files carry no alphas
+    for key, value in xlabs.state_dict.items():
+        torch.testing.assert_close(written[key], value)

@@ -199,6 +199,7 @@ class Layout:
         text_encoders (`Mapping[str, str]`): other key prefixes and the component they hold, with paths kept as the
             host library names them (kohya-flattened when `flat`).
         marker (`str`, *optional*): a regex some module path must match for detection, when `names` is an identity.
+        alphas (`bool`, defaults to `True`): written files carry `.alpha` (= rank; the scale is folded into `up`).
     """
 
     name: str
@@ -209,6 +210,7 @@ class Layout:
     factors: tuple[tuple[str, str], ...] = ((".lora_down.weight", ".lora_up.weight"),)
     text_encoders: Mapping[str, str] = field(default_factory=dict)
     marker: str | None = None
+    alphas: bool = True
 
     def _roles(self) -> dict[str, str]:
         roles = {suffix: role for pair in self.factors for suffix, role in zip(pair, ("down", "up"))}
@@ -349,7 +351,8 @@ class Layout:
             down, up = join_parts(rule, parts, where).to(dtype).weights()
             tensors[stem + down_suffix] = down
             tensors[stem + up_suffix] = up
-            tensors[stem + ".alpha"] = torch.tensor(float(down.shape[0]), dtype=dtype)
+            if self.alphas:
+                tensors[stem + ".alpha"] = torch.tensor(float(down.shape[0]), dtype=dtype)
         side_cars: dict[tuple[str, str], tuple[Rule, dict[int, torch.Tensor]]] = {}
         for name, tensor in adapter.side_cars.items():
             module, _, kind = name.rpartition(".")

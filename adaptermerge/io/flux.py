@@ -10,6 +10,7 @@ the MLP input of a single block) are read as modules sharing `A`, as diffusers'
 - `comfyui-flux`: ComfyUI's saved LoRAs: `diffusion_model.double_blocks.0.img_attn.qkv.lora_down.weight`,
   `text_encoders.clip_l.transformer.` and `text_encoders.t5xxl.transformer.`.
 - `fal-flux`: fal's Kontext trainer: `base_model.model.double_blocks.0.img_attn.qkv.lora_A.weight`.
+- `xlabs-flux`: XLabs' x-flux: `double_blocks.0.processor.qkv_lora1.down.weight` (no alphas).
 OneTrainer's `lora_transformer_` files name diffusers modules and are read by the kohya reader.
 """
 
@@ -74,4 +75,19 @@ COMFYUI = Layout(
     },
 )
 FAL = Layout("fal-flux", FAMILY, NAMES, "base_model.model.", factors=((".lora_A.weight", ".lora_B.weight"),))
-LAYOUTS = (KOHYA, COMFYUI, FAL)
+
+# XLabs' x-flux trains attention processors: `qkv_lora1`/`proj_lora1` on the image stream, `…2` on the text stream.
+_XLABS = "double_blocks.{i}.processor"
+XLABS_NAMES = NameMap(
+    "transformer",
+    [
+        Rule(f"{_XLABS}.qkv_lora1", tuple(f"{_DOUBLE}.attn.to_{p}" for p in "qkv")),
+        Rule(f"{_XLABS}.qkv_lora2", tuple(f"{_DOUBLE}.attn.add_{p}_proj" for p in "qkv")),
+        Rule(f"{_XLABS}.proj_lora1", (f"{_DOUBLE}.attn.to_out.0",)),
+        Rule(f"{_XLABS}.proj_lora2", (f"{_DOUBLE}.attn.to_add_out",)),
+        Rule("single_blocks.{i}.processor.qkv_lora", tuple(f"{_SINGLE}.attn.to_{p}" for p in "qkv")),
+        Rule("single_blocks.{i}.processor.proj_lora", (f"{_SINGLE}.proj_out",)),
+    ],
+)
+XLABS = Layout("xlabs-flux", FAMILY, XLABS_NAMES, "", factors=((".down.weight", ".up.weight"),), alphas=False)
+LAYOUTS = (KOHYA, COMFYUI, FAL, XLABS)
