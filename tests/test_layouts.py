@@ -477,3 +477,76 @@ def test_xlabs_flux_reads_like_diffusers_converter_and_round_trips():
     assert set(written) == set(xlabs.state_dict)  # x-flux files carry no alphas
     for key, value in xlabs.state_dict.items():
         torch.testing.assert_close(written[key], value)
+
+
+def assert_fused_equals_reference(model, converted: dict[str, torch.Tensor], adapter: Adapter) -> None:
+    """Load diffusers' conversion of our written file into `model`, fuse, and compare every loaded module's weight
+    (and bias, for side-car bias deltas) with W0 plus our dense update."""
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_lora_adapter(converted, prefix="transformer", adapter_name="merged")
+    model.fuse_lora()
+    fused = model.state_dict()
+    loaded = {k.rsplit(".lora_", 1)[0] for k in converted}
+    assert loaded and loaded <= set(adapter)
+    for name in loaded:
+        path = name.removeprefix("transformer.")
+        for kind, delta in (("weight", adapter[name].to_dense()), ("bias", adapter.side_cars.get(f"{name}.diff_b"))):
+            if delta is None:
+                continue
+            key = f"{path}.{kind}" if f"{path}.{kind}" in fused else f"{path}.base_layer.{kind}"
+            expected = base[f"{path}.{kind}"].double() + delta.double().reshape(base[f"{path}.{kind}"].shape)
+            torch.testing.assert_close(fused[key].double(), expected, rtol=1e-4, atol=1e-4, msg=f"{name}.{kind}")
+
+
+def test_written_comfyui_wan_file_loads_into_a_tiny_wan_transformer_with_its_bias_deltas(tmp_path):
+    from diffusers import WanTransformer3DModel
+    from safetensors.torch import load_file
+
+    built = wan_with_side_cars(40)
+    del built.state_dict["diffusion_model.blocks.0.norm3.diff"], built.state_dict["diffusion_model.blocks.0.diff_m"]
+    built.add("diffusion_model.blocks.1.cross_attn.k", H, H, 2, alpha=4).add(
+        "diffusion_model.blocks.1.ffn.2", H, 4 * H, 2
+    )
+    merged = merge_adapters([wan.COMFYUI.from_state_dict(built.copy())] * 2, [0.5, 0.25])
+    path = save_adapter(merged, tmp_path / "wan.safetensors")
+    torch.manual_seed(0)
+    model = WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=4,
+        text_dim=16,
+        freq_dim=16,
+        ffn_dim=4 * H,
+        num_layers=2,
+        rope_max_seq_len=32,
+    )
+    converted = host._convert_non_diffusers_wan_lora_to_diffusers(load_file(path))
+    assert any(k.endswith("lora_B.bias") for k in converted)
+    assert_fused_equals_reference(model, converted, merged)
+
+
+def test_written_comfyui_qwen_image_file_loads_into_a_tiny_qwen_image_transformer(tmp_path):
+    from diffusers import QwenImageTransformer2DModel
+    from safetensors.torch import load_file
+
+    built = Builder(41)
+    for name, (out, inn) in {"attn.to_q": (H, H), "attn.add_v_proj": (H, H), "img_mlp.net.0.proj": (4 * H, H)}.items():
+        built.add(f"diffusion_model.transformer_blocks.0.{name}", out, inn, 2, alpha=1)
+    built.add("diffusion_model.transformer_blocks.0.txt_mod.1", 6 * H, H, 2)
+    adapter = qwen_image.COMFYUI.from_state_dict(built.copy())
+    path = save_adapter(merge_adapters([adapter, adapter], [1.0, -0.5]), tmp_path / "qwen.safetensors")
+    torch.manual_seed(0)
+    model = QwenImageTransformer2DModel(
+        patch_size=2,
+        in_channels=16,
+        out_channels=4,
+        num_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        axes_dims_rope=(2, 2, 4),
+    )
+    converted = host._convert_non_diffusers_qwen_lora_to_diffusers(load_file(path))
+    assert_fused_equals_reference(model, converted, load_adapter(path))
