@@ -237,6 +237,15 @@ def test_kohya_flux_round_trip_keeps_keys_and_a_merge_keeps_qkv_a_shared(tmp_pat
     host_read = host_updates(host._convert_kohya_flux_lora_to_diffusers(dict(written)))
     assert_same_updates(load_adapter(out), host_read)
 
+    # TIES computes each part's A on its own, equal up to rounding: the joined module keeps the parts' rank.
+    ties = merge_adapters(paths, [0.7, -0.4], "ties", density=0.5)
+    joined = flux.KOHYA.to_state_dict(ties)
+    assert (
+        joined["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"].shape[0]
+        == ties["transformer.transformer_blocks.0.attn.to_q"].rank
+    )
+    assert_same_updates(flux.KOHYA.from_state_dict(joined), {k: v.to(torch.float32) for k, v in ties.items()})
+
 
 def test_fused_parts_with_different_a_join_block_diagonally_and_missing_parts_are_zero():
     from tests.factories import random_lowrank
@@ -450,9 +459,9 @@ def test_onetrainer_flux_merged_and_written_as_kohya_gets_the_kohya_flux_layout(
     out = save_adapter(merged, tmp_path / "out.safetensors", format="kohya")
     assert detect_format(out) == "kohya-flux"
     written = load_file(out)
-    # OneTrainer trains q and k with their own A: the fused qkv stacks them (rank 4 + 4, B block-diagonal), and the
-    # missing v rows are zero.
-    assert written["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"].shape == (8, H)
+    # OneTrainer trains q and k with their own A: the fused qkv stacks them with B block-diagonal, at the rank of
+    # the stack (2 + 2: the file merged with itself adds no direction), and the missing v rows are zero.
+    assert written["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"].shape == (4, H)
     ours = load_adapter(out)
     assert_same_updates(
         {k: v for k, v in ours.items() if k in merged}, {k: concat([v], [1.0]) for k, v in merged.items()}

@@ -10,7 +10,9 @@ of a format module (`detect`, `load`, `save`, `from_state_dict`, `to_state_dict`
 A fused projection (BFL's `qkv`; Flux's single-block `linear1` = q, k, v and the MLP input) is read as one module
 per part, each taking its rows of `B` and all of `A`: exact, and still low-rank. Written back, parts that share `A`
 (as they do after any merge by concatenation) become `A` and `[B_q; B_k; B_v]`; parts with different `A` become
-`[A_q; A_k; A_v]` and a block-diagonal `B` of rank `r_q + r_k + r_v`. A part an adapter lacks is a zero block.
+`[A_q; A_k; A_v]` and a block-diagonal `B` of rank at most `r_q + r_k + r_v`, reduced to the numerical rank of the
+stacked `A` (so parts a method gave the same `A` up to rounding keep rank `r`). A part an adapter lacks is a zero
+block.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch
 
 from ..adapter import Adapter
 from ..errors import AdapterFormatError
-from ..lowrank import LowRank
+from ..lowrank import COMPUTE_DTYPE, LowRank, range_basis
 from ._source import DictSource, ModuleEntry, TensorSource, lazy_adapter, open_source, take_unused
 from ._write import atomic_path, provenance_metadata, save_tensors
 from .kohya import component_path
@@ -164,17 +166,13 @@ def join_parts(rule: Rule, parts: Mapping[int, LowRank], where: str) -> LowRank:
     present = [parts[i] for i in sorted(parts)]
     if any(lr.magnitude is not None for lr in present):
         raise AdapterFormatError(f"{where}: DoRA parts of a fused projection cannot be written as one module")
-    sizes = _sizes(rule, {i: lr.out_features for i, lr in parts.items()}, where)
     dtype = functools.reduce(torch.promote_types, (lr.dtype for lr in present))
     first = present[0].A
     if all(lr.A.shape == first.shape and torch.equal(lr.A, first) for lr in present):
         # Parts that share A (as read, or merged by concatenation) keep it: rank stays r.
-        blocks = [
-            parts[i].B.to(dtype) if i in parts else first.new_zeros(size, first.shape[0], dtype=dtype)
-            for i, size in enumerate(sizes)
-        ]
-        return LowRank(first.to(dtype), torch.cat(blocks))
-    A = torch.cat([lr.A.to(dtype) for lr in present])
+        return LowRank(first.to(dtype), join_rows(rule, {i: lr.B.to(dtype) for i, lr in parts.items()}, where))
+    sizes = _sizes(rule, {i: lr.out_features for i, lr in parts.items()}, where)
+    A = torch.cat([lr.A.to(COMPUTE_DTYPE) for lr in present])
     B = A.new_zeros(sum(sizes), A.shape[0])
     row, column = 0, 0
     for i, size in enumerate(sizes):
@@ -182,7 +180,11 @@ def join_parts(rule: Rule, parts: Mapping[int, LowRank], where: str) -> LowRank:
             B[row : row + size, column : column + parts[i].rank] = parts[i].B
             column += parts[i].rank
         row += size
-    return LowRank(A, B)
+    # `[A_q; A_k; A_v]` may span fewer directions than its rows (parts merged by a method that computed one A per
+    # part, equal up to rounding): `A = Rᵀ (Xᵀ A)` with `Xᵀ A` a basis of its row space keeps `B A` to float
+    # precision at the numerical rank of the stack.
+    X, R = range_basis(A.T, singular_vectors=False)
+    return LowRank((X.T @ A).to(dtype), (B @ R.T).to(dtype))
 
 
 @dataclass(frozen=True)

@@ -168,7 +168,9 @@ class ModuleEntry:
     rows: tuple[tuple[int, int], ...] = ()
 
     def take_rows(self, up: torch.Tensor) -> torch.Tensor:
-        """This module's rows of the file's `up` tensor."""
+        """This module's rows of the file's `up` tensor (a view when they are one range)."""
+        if len(self.rows) == 1:
+            return up[self.rows[0][0] : self.rows[0][1]]
         return torch.cat([up[start:stop] for start, stop in self.rows]) if self.rows else up
 
 
