@@ -257,6 +257,17 @@ def test_fused_parts_with_different_a_join_block_diagonally_and_missing_parts_ar
     expected = torch.cat([q.to_dense(), torch.zeros(H, H, dtype=torch.float64), v.to_dense()])
     torch.testing.assert_close(joined.to_dense(), expected)
 
+    # bfloat16 parts whose A differ by one rounding (A computed per part) share A; a real difference does not.
+    A = q.A.to(torch.bfloat16)
+    nudged = A.clone()
+    nudged[0, 0] = torch.nextafter(A[0, 0].float(), torch.tensor(10.0)).to(torch.bfloat16)
+    if torch.equal(nudged, A):  # nextafter in float32 may round back; step one bfloat16 ulp instead
+        nudged[0, 0] = A[0, 0] + A[0, 0].abs() * torch.finfo(torch.bfloat16).eps
+    halves = {0: LowRank(A, q.B.to(torch.bfloat16)), 1: LowRank(nudged, v.B[:, :2].to(torch.bfloat16))}
+    assert join_parts(rule, halves, "test").rank == 2
+    halves[1] = LowRank(v.A[:2].to(torch.bfloat16), halves[1].B)
+    assert join_parts(rule, halves, "test").rank == 4
+
 
 def test_modules_a_layout_cannot_name_are_refused_naming_the_module():
     peft_names = flux.KOHYA.from_state_dict(kohya_flux(single=False).copy())

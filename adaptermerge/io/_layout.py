@@ -27,7 +27,7 @@ import torch
 
 from ..adapter import Adapter
 from ..errors import AdapterFormatError
-from ..lowrank import COMPUTE_DTYPE, LowRank, range_basis
+from ..lowrank import LowRank, range_basis
 from ._source import DictSource, ModuleEntry, TensorSource, lazy_adapter, open_source, take_unused
 from ._write import atomic_path, provenance_metadata, save_tensors
 from .kohya import component_path
@@ -156,6 +156,19 @@ def join_rows(rule: Rule, parts: Mapping[int, torch.Tensor], where: str) -> torc
     )
 
 
+def _same_factor(A: torch.Tensor, first: torch.Tensor) -> bool:
+    """Whether two parts' `A` are one factor: equal, or equal up to one rounding in their dtype (a method that
+    computes each part's `A` on its own, such as TIES in core space, gets the same `A` up to rounding, and a
+    half-precision output turns that into one-ulp differences)."""
+    if A.shape != first.shape:
+        return False
+    if torch.equal(A, first):
+        return True
+    eps = torch.finfo(torch.promote_types(A.dtype, first.dtype)).eps
+    a, b = A.to(torch.float32), first.to(torch.float32)
+    return bool(((a - b).abs() <= eps * torch.maximum(a.abs(), b.abs())).all())
+
+
 def join_parts(rule: Rule, parts: Mapping[int, LowRank], where: str) -> LowRank:
     """One module's update from its canonical parts: rows permuted back, or fused projections joined exactly."""
     if rule.swap_halves:
@@ -168,11 +181,12 @@ def join_parts(rule: Rule, parts: Mapping[int, LowRank], where: str) -> LowRank:
         raise AdapterFormatError(f"{where}: DoRA parts of a fused projection cannot be written as one module")
     dtype = functools.reduce(torch.promote_types, (lr.dtype for lr in present))
     first = present[0].A
-    if all(lr.A.shape == first.shape and torch.equal(lr.A, first) for lr in present):
+    if all(_same_factor(lr.A, first) for lr in present):
         # Parts that share A (as read, or merged by concatenation) keep it: rank stays r.
         return LowRank(first.to(dtype), join_rows(rule, {i: lr.B.to(dtype) for i, lr in parts.items()}, where))
     sizes = _sizes(rule, {i: lr.out_features for i, lr in parts.items()}, where)
-    A = torch.cat([lr.A.to(COMPUTE_DTYPE) for lr in present])
+    work = torch.promote_types(dtype, torch.float32)
+    A = torch.cat([lr.A.to(work) for lr in present])
     B = A.new_zeros(sum(sizes), A.shape[0])
     row, column = 0, 0
     for i, size in enumerate(sizes):
@@ -184,7 +198,9 @@ def join_parts(rule: Rule, parts: Mapping[int, LowRank], where: str) -> LowRank:
     # part, equal up to rounding): `A = Rᵀ (Xᵀ A)` with `Xᵀ A` a basis of its row space keeps `B A` to float
     # precision at the numerical rank of the stack.
     X, R = range_basis(A.T, singular_vectors=False)
-    return LowRank((X.T @ A).to(dtype), (B @ R.T).to(dtype))
+    if X.shape[1] == A.shape[0]:
+        return LowRank(A.to(dtype), B.to(dtype))
+    return LowRank((X.T.to(work) @ A).to(dtype), (B @ R.T.to(work)).to(dtype))
 
 
 @dataclass(frozen=True)
