@@ -10,9 +10,9 @@ of a format module (`detect`, `load`, `save`, `from_state_dict`, `to_state_dict`
 A fused projection (BFL's `qkv`; Flux's single-block `linear1` = q, k, v and the MLP input) is read as one module
 per part, each taking its rows of `B` and all of `A`: exact, and still low-rank. Written back, parts that share `A`
 (as they do after any merge by concatenation) become `A` and `[B_q; B_k; B_v]`; parts with different `A` become
-`[A_q; A_k; A_v]` and a block-diagonal `B` of rank at most `r_q + r_k + r_v`, reduced to the numerical rank of the
-stacked `A` (so parts a method gave the same `A` up to rounding keep rank `r`). A part an adapter lacks is a zero
-block.
+`[A_q; A_k; A_v]` and a block-diagonal `B` of rank `r_q + r_k + r_v` (in float32 and float64, reduced to the
+numerical rank of the stacked `A`, so parts a method gave one row space keep rank `r`; half-precision rounding
+leaves no such rank to find). A part an adapter lacks is a zero block.
 """
 
 from __future__ import annotations
@@ -195,8 +195,11 @@ def join_parts(rule: Rule, parts: Mapping[int, LowRank], where: str) -> LowRank:
             column += parts[i].rank
         row += size
     # `[A_q; A_k; A_v]` may span fewer directions than its rows (parts merged by a method that computed one A per
-    # part, equal up to rounding): `A = Rᵀ (Xᵀ A)` with `Xᵀ A` a basis of its row space keeps `B A` to float
-    # precision at the numerical rank of the stack.
+    # part in the same row space): `A = Rᵀ (Xᵀ A)` with `Xᵀ A` a basis of its row space keeps `B A` to float
+    # precision at the numerical rank of the stack. Half-precision factors carry rounding noise in every direction,
+    # so their stack has full rank and is kept as is.
+    if torch.finfo(dtype).bits < 32:
+        return LowRank(A.to(dtype), B.to(dtype))
     X, R = range_basis(A.T, singular_vectors=False)
     if X.shape[1] == A.shape[0]:
         return LowRank(A.to(dtype), B.to(dtype))
