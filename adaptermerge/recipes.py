@@ -48,8 +48,8 @@ from pydantic import (
     model_validator,
 )
 
-from .errors import AdapterMergeError, InvalidParameterError, UnknownMethodError
-from .io import HUB_PREFIX, is_hub_id
+from .errors import AdapterMergeError, InvalidParameterError, OutputPathError, UnknownMethodError
+from .io import HUB_PREFIX, check_not_input, is_hub_id
 from .methods import get_method
 
 __all__ = ["MergeJob", "Recipe", "RecipeError", "load_recipe"]
@@ -234,6 +234,10 @@ def _job(spec: MergeSpec, defaults: MergeOptions, folder: Path, roots: Sequence[
         for item in _expand(entry, folder, roots, f"{where}.adapters[{i}]", recipe)
     ]
     output = _inside(folder / Path(spec.output).expanduser(), roots, f"{where}.output", recipe)
+    try:
+        check_not_input(output, [a for a, _ in adapters])
+    except OutputPathError as err:
+        raise RecipeError(f"{recipe}: {where}.output: {err}") from None
     return MergeJob(
         name=spec.name or output.stem,
         adapters=tuple(a for a, _ in adapters),
@@ -261,14 +265,15 @@ def load_recipe(path: str | Path, *, allowed_roots: Sequence[str | Path] = ()) -
     Raises:
         RecipeError: naming the file, the entry (`merges[1] ('style_mix').adapters[0].weight`) and what is wrong:
             unreadable YAML, schema violations, unknown methods or parameters, paths outside the allowed roots,
-            missing inputs, globs that match nothing, duplicate names or outputs.
+            missing inputs, globs that match nothing, duplicate names or outputs, outputs that are, contain or lie
+            inside an input.
     """
     import yaml
 
     path = Path(path).expanduser().resolve()
     try:
         raw = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as err:
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
         raise RecipeError(f"{path}: cannot read the recipe ({err})") from None
     try:
         recipe = RecipeFile.model_validate(raw)

@@ -14,8 +14,18 @@ import torch
 from ..adapter import Adapter
 from ..errors import AdapterFormatError
 from ._detect import FORMATS, detect_format, format_module, is_hub_id
+from ._write import check_not_input
 
-__all__ = ["FORMATS", "HUB_PREFIX", "detect_format", "is_hub_id", "load_adapter", "resolve_path", "save_adapter"]
+__all__ = [
+    "FORMATS",
+    "HUB_PREFIX",
+    "check_not_input",
+    "detect_format",
+    "is_hub_id",
+    "load_adapter",
+    "resolve_path",
+    "save_adapter",
+]
 
 HUB_PREFIX = "hub:"
 
