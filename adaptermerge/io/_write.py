@@ -85,8 +85,9 @@ def atomic_path(path: str | Path, *, overwrite: bool = False, directory: bool = 
     """Yield a temporary path beside `path`; on success move it into place in one rename.
 
     Everything lives in one temporary folder beside `path`, removed on the way out: the new output until it is
-    moved into place, and the old output (file, folder or link) once it is moved aside. An interruption leaves
-    either the old or the new output, and the folder a killed run left is removed by the next write to `path`.
+    moved into place and, for a folder output, the old output (file, folder or link) once it is moved aside. A file
+    replaces the old one in one rename; a folder leaves the old output in the temporary folder only between two
+    renames. The temporary folder a killed run left is removed by the next write to `path`.
     """
     path = Path(path)
     check_writable(path, overwrite, directory=directory)
@@ -96,7 +97,7 @@ def atomic_path(path: str | Path, *, overwrite: bool = False, directory: bool = 
     target = tmp / path.name
     try:
         yield target
-        if path.exists() or path.is_symlink():
+        if directory and (path.exists() or path.is_symlink()):  # a rename cannot replace a folder: move it aside
             os.replace(path, tmp / ".old")
         os.replace(target, path)
     finally:
