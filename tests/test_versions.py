@@ -119,3 +119,19 @@ def test_a_refused_combination_that_peft_cannot_load_either_names_both_versions(
     message = str(info.value)
     assert f"transformers {version('transformers')} requires peft >= 99.0" in message
     assert f"peft {version('peft')} is installed" in message and "pip install 'peft>=99.0'" in message
+
+
+def test_a_pipeline_merge_with_text_encoder_modules_says_first_that_transformers_refuses_peft(tmp_path, monkeypatch):
+    """diffusers loads text-encoder LoRAs through transformers, whose gate would raise from deep inside."""
+    from .tiny_models import save_random_pipeline_lora, tiny_sd_pipeline
+
+    lora = save_random_pipeline_lora(tiny_sd_pipeline(), tmp_path / "lora", seed=1)
+    from transformers.integrations import peft as integration
+
+    monkeypatch.setattr(integration, "MIN_PEFT_VERSION", "99.0")
+    pipe = tiny_sd_pipeline()
+    with pytest.raises(
+        IncompatibleVersionsError, match=r"requires peft >= 99\.0.*text_encoder LoRA through transformers"
+    ):
+        load_merged_adapters(pipe, [lora])
+    assert not pipe.get_list_adapters()  # nothing half-loaded

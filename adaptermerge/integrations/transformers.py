@@ -21,8 +21,8 @@ from ..adapter import Adapter
 from ..errors import AdapterMergeWarning, IncompatibleAdaptersError, IncompatibleVersionsError
 from ..io import peft as peft_io
 from ..merge import AdapterLike
-from ..versions import at_least, version
 from ..weights import Weight
+from ._compat import gate_message, transformers_peft_minimum
 from ._live import build_merge, check_host_modules, host_live
 
 __all__ = ["load_into_model"]
@@ -55,14 +55,6 @@ def _load_into_peft_model(model: Any, state_dict: dict, config: dict, adapter_na
     model.set_adapter(adapter_name)
 
 
-def _transformers_peft_minimum() -> str | None:
-    """The peft version transformers' PEFT integration demands, when the installed peft is older; else None."""
-    from transformers.integrations import peft as integration
-
-    minimum = getattr(integration, "MIN_PEFT_VERSION", None)
-    return None if minimum is None or at_least("peft", minimum) else minimum
-
-
 def _load_through_peft(model: Any, state_dict: dict, config: dict, adapter_name: str, minimum: str) -> None:
     """Loads the merge with peft's own API where transformers refuses the installed peft (its version gate).
 
@@ -74,13 +66,13 @@ def _load_through_peft(model: Any, state_dict: dict, config: dict, adapter_name:
     from peft.tuners.tuners_utils import BaseTunerLayer
     from peft.utils import set_peft_model_state_dict
 
-    found = f"transformers {version('transformers')} requires peft >= {minimum}, peft {version('peft')} is installed"
+    found = gate_message(minimum)
     warnings.warn(
         f"{found}: adaptermerge loads the merged adapter through peft's own API; transformers' adapter methods "
         f"(set_adapter, disable_adapters, ...) refuse this model until you pip install 'peft>={minimum}' or a "
         "transformers release that accepts your peft",
         AdapterMergeWarning,
-        stacklevel=4,
+        stacklevel=5,
     )
     for layer in model.modules():
         if isinstance(layer, BaseTunerLayer) and adapter_name in layer.lora_A:
@@ -109,7 +101,7 @@ def _load_through_peft(model: Any, state_dict: dict, config: dict, adapter_name:
 def _load_into_transformers_model(model: Any, state_dict: dict, config: dict, adapter_name: str) -> None:
     from peft import LoraConfig
 
-    minimum = _transformers_peft_minimum()
+    minimum = transformers_peft_minimum()
     if minimum is not None:
         _load_through_peft(model, state_dict, config, adapter_name, minimum)
         return
