@@ -29,6 +29,7 @@ from ..adapter import Adapter
 from ..errors import AdapterFormatError
 from ..lowrank import LowRank, range_basis
 from ._source import DictSource, ModuleEntry, TensorSource, lazy_adapter, open_source, take_unused
+from ._validate import alpha_tensor, factor_shapes
 from ._write import atomic_path, provenance_metadata, save_tensors
 from .kohya import component_path
 
@@ -291,8 +292,8 @@ class Layout:
             if has_factors:
                 if "down" not in roles or "up" not in roles:
                     raise AdapterFormatError(f"{source.name}: module {stem!r} has only one of its down/up factors")
-                rank = source.shape(roles["down"])[0]
-                alpha = float(source.get(roles["alpha"])) if "alpha" in roles else 0.0
+                rank = factor_shapes(source, stem, roles["down"], roles["up"])[0][0]
+                alpha = alpha_tensor(source, roles["alpha"], stem) if "alpha" in roles else 0.0
                 scale = alpha / rank if alpha else 1.0
                 for name, rows in zip(names, rule.rows(source.shape(roles["up"])[0], where)):
                     if name in entries:

@@ -29,6 +29,7 @@ import torch
 from ..errors import AdapterFormatError, AdapterMergeWarning
 from ..lowrank import LowRank
 from ._source import TensorSource
+from ._validate import alpha_tensor
 
 __all__ = ["SUFFIXES", "LycorisEntry", "loha", "lokr"]
 
@@ -128,7 +129,7 @@ class LycorisEntry:
         factored = [k for k in ("hada_w1_b", "lokr_w1_b", "lokr_w2_b") if k in self.keys]
         if not factored or self.alpha_key is None:
             return 1.0
-        alpha = float(source.get(self.alpha_key))
+        alpha = alpha_tensor(source, self.alpha_key, self.alpha_key.rpartition(".")[0])
         return alpha / self._shape(source, factored[0])[0] if alpha else 1.0
 
     def read(self, source: TensorSource, name: str) -> LowRank:
