@@ -37,6 +37,8 @@ _INDEX = "{i}"
 # Key suffixes of full-rank side-car tensors and the kind they are carried as (see `Adapter.side_cars`).
 _SIDE_CARS = {".diff": "diff", ".diff_b": "diff_b", ".diff_m": "diff_m", ".lora_B.bias": "diff_b"}
 _WRITTEN_SIDE_CARS = {"diff": ".diff", "diff_b": ".diff_b", "diff_m": ".diff_m"}
+# ComfyUI saves kohya's factor names under dotted paths, and reads peft's too; its files are written with kohya's.
+COMFYUI_FACTORS = ((".lora_down.weight", ".lora_up.weight"), (".lora_A.weight", ".lora_B.weight"))
 
 
 def _pattern(template: str, *, flat: bool) -> re.Pattern[str]:

@@ -16,7 +16,7 @@ OneTrainer's `lora_transformer_` files name diffusers modules and are read by th
 
 from __future__ import annotations
 
-from ._layout import Layout, NameMap, Rule
+from ._layout import COMFYUI_FACTORS, Layout, NameMap, Rule
 
 FAMILY = "Flux.1"
 
@@ -68,7 +68,7 @@ COMFYUI = Layout(
     FAMILY,
     NAMES,
     "diffusion_model.",
-    factors=((".lora_down.weight", ".lora_up.weight"), (".lora_A.weight", ".lora_B.weight")),
+    factors=COMFYUI_FACTORS,
     text_encoders={
         "text_encoders.clip_l.transformer.": "text_encoder",
         "text_encoders.t5xxl.transformer.": "text_encoder_2",

@@ -6,7 +6,7 @@ in prefix and suffixes, as `_convert_non_diffusers_qwen_lora_to_diffusers` reads
 
 from __future__ import annotations
 
-from ._layout import Layout, NameMap
+from ._layout import COMFYUI_FACTORS, Layout, NameMap
 
 FAMILY = "Qwen-Image"
 
@@ -15,7 +15,7 @@ COMFYUI = Layout(
     FAMILY,
     NameMap("transformer", identity=True),
     "diffusion_model.",
-    factors=((".lora_down.weight", ".lora_up.weight"), (".lora_A.weight", ".lora_B.weight")),
+    factors=COMFYUI_FACTORS,
     marker=r"^transformer_blocks\.\d+\.(attn|img_mlp|txt_mlp|img_mod|txt_mod)\.",
 )
 LAYOUTS = (COMFYUI,)

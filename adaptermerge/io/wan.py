@@ -9,7 +9,7 @@ are those of diffusers' `WanTransformer3DModel`, as `_convert_non_diffusers_wan_
 
 from __future__ import annotations
 
-from ._layout import Layout, NameMap, Rule
+from ._layout import COMFYUI_FACTORS, Layout, NameMap, Rule
 
 FAMILY = "Wan"
 
@@ -39,7 +39,7 @@ COMFYUI = Layout(
     FAMILY,
     NAMES,
     "diffusion_model.",
-    factors=((".lora_down.weight", ".lora_up.weight"), (".lora_A.weight", ".lora_B.weight")),
+    factors=COMFYUI_FACTORS,
 )
 MUSUBI = Layout("musubi-wan", FAMILY, NAMES, "lora_unet_", flat=True)
 LAYOUTS = (COMFYUI, MUSUBI)
