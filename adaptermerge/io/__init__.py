@@ -82,7 +82,8 @@ def load_adapter(
     Args:
         path (`str` or `Path`): a PEFT folder, a `.safetensors` LoRA file, or a hub id (`hub:owner/name` for one
             that is never read as a local path).
-        format (`str`, defaults to `"auto"`): `"peft"`, `"kohya"`, `"diffusers"`, or `"auto"` to detect.
+        format (`str`, defaults to `"auto"`): `"peft"`, `"kohya"`, `"diffusers"`, a trainer layout (`"kohya-flux"`,
+            `"comfyui-wan"`, ...; see `LAYOUTS`), or `"auto"` to detect.
         allow_pickle (`bool`, defaults to `False`): read `.bin`/`.pt`/`.ckpt` checkpoints (unpickling can run code).
         name (`str`, *optional*): the adapter's name in tables and errors; the file or folder stem by default.
         skip_unknown (`bool`, defaults to `False`): read a trainer-layout file (kohya Flux, ComfyUI Wan, ...) even
