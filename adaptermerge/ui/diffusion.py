@@ -306,10 +306,12 @@ def tiny_sd_pipeline(*, seed: int = 0) -> Any:
 
 
 def random_pipeline_loras(pipe: Any, names: Sequence[str] = DIFFUSION_ADAPTERS, *, rank: int = 2) -> list[Adapter]:
-    """One seeded random LoRA per name on the UNet's attention projections (the `i`-th seeded with `i`)."""
+    """One seeded random LoRA per name on the denoiser's attention projections (the `i`-th seeded with `i`): the
+    UNet's, or a DiT pipeline's `transformer`."""
+    component = "unet" if getattr(pipe, "unet", None) is not None else "transformer"
     layers = {
-        f"unet.{name}": module.weight.shape
-        for name, module in pipe.unet.named_modules()
+        f"{component}.{name}": module.weight.shape
+        for name, module in getattr(pipe, component).named_modules()
         if isinstance(module, torch.nn.Linear) and name.endswith(_ATTENTION_TARGETS)
     }
     adapters = []
