@@ -24,7 +24,19 @@ from tests.factories import make_adapter  # noqa: E402
 from tests.tiny_models import save_random_pipeline_lora  # noqa: E402
 
 PROMPT, STEPS, SIZE = "a photo of a cat", 3, 32
-NO_PARAMS = [0.2, 0.2, 2.0, 0, None, "total", True, True, 1.0, None, "input"]  # every method parameter's box, ignored by linear
+NO_PARAMS = [
+    0.2,
+    0.2,
+    2.0,
+    0,
+    None,
+    "total",
+    True,
+    True,
+    1.0,
+    None,
+    "input",
+]  # every method parameter's box, ignored by linear
 
 
 @pytest.fixture(scope="module")

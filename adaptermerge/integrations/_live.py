@@ -13,6 +13,7 @@ weights as a function of the progress.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from ..errors import IncompatibleAdaptersError, InvalidParameterError
 from ..lowrank import LowRank, concat
 from ..merge import AdapterLike, load_adapters, merge_adapters
 from ..weights import Weight, check_weights
+from .k_lora import klora_weights
 from .schedule import WeightSchedule
 
 __all__ = ["HostWeights", "LiveMerge", "ProgressWeights", "build_merge", "check_host_modules", "scheduled_weights"]
@@ -32,11 +34,15 @@ __all__ = ["HostWeights", "LiveMerge", "ProgressWeights", "build_merge", "check_
 logger = logging.getLogger(__name__)
 LIVE_ATTRIBUTE = "_adaptermerge_live"
 
+# Live modes: method name → `mode(adapters, params)`, which returns how the adapters' weights become a live merge's
+# `ProgressWeights` (so `set_merge_weights` keeps the mode).
+LIVE_MODES = {"k_lora": klora_weights}
+
 # The weights of a live merge at a denoising progress in [0, 1): `at(progress)(adapter index, module) -> weight`.
 ProgressWeights = Callable[[float], Callable[[int, str], float]]
 
 
-def scheduled_weights(weights: Sequence[Weight] | None, n_adapters: int, *, allow_schedules: bool) -> ProgressWeights:
+def scheduled_weights(weights: Sequence[Weight] | None, *, n_adapters: int, allow_schedules: bool) -> ProgressWeights:
     """The per-module weights of `weights` (schedules allowed when `allow_schedules`) at each progress.
 
     Raises:
@@ -59,7 +65,8 @@ def scheduled_weights(weights: Sequence[Weight] | None, n_adapters: int, *, allo
 
 @dataclass
 class LiveMerge:
-    """The sources of a `linear` merge loaded into a host, to re-weight it in place.
+    """The sources of a live merge (`linear`, or a live mode such as `k_lora`) loaded into a host, to re-weight it in
+    place.
 
     Only the `B` factors are kept (the weights scale `B` alone), moved to the device of the host's layers.
 
@@ -67,17 +74,15 @@ class LiveMerge:
         adapter_name (`str`): the host's name of the merged adapter.
         sources (`dict[str, list[tuple[int, torch.Tensor]]]`): per module, `(adapter index, B of shape (out, r))`
             in the column order of the merged `lora_B`.
-        n_adapters (`int`): how many adapters were merged (the length `set_weights` expects).
-        weights_at (`ProgressWeights`, *optional*): the weights at each denoising progress; set by `set_weights` or
-            by a live mode.
-        allow_schedules (`bool`): whether `set_weights` takes step schedules (diffusers pipelines).
+        weigh (`Callable`): maps the adapters' weights (as `set_weights` takes them) to the weights at each
+            denoising progress: plain numbers and schedules for `linear`, the switches of a live mode such as `k_lora`.
+        weights_at (`ProgressWeights`): the weights in use, at each progress.
     """
 
     adapter_name: str
     sources: dict[str, list[tuple[int, torch.Tensor]]]
-    n_adapters: int
-    weights_at: ProgressWeights | None = None
-    allow_schedules: bool = False
+    weigh: Callable[[Sequence[Weight] | None], ProgressWeights]
+    weights_at: ProgressWeights
     layers: dict[str, torch.nn.Module] = field(default_factory=dict)
     _written: dict[str, tuple[float, ...]] = field(default_factory=dict)
 
@@ -97,7 +102,7 @@ class LiveMerge:
                 schedule in a host without denoising steps.
             IncompatibleAdaptersError: when the merged adapter was fused, deleted or replaced in the host.
         """
-        self.weights_at = scheduled_weights(weights, self.n_adapters, allow_schedules=self.allow_schedules)
+        self.weights_at = self.weigh(weights)
         self._written.clear()
         self.apply(0.0)
 
@@ -199,12 +204,21 @@ def build_merge(
     loaded = load_adapters(adapters)
     modules = module_union(loaded)
     base = None if find is None else HostWeights(find, modules)
-    live = method == "linear" and not params and not any(adapter.is_dora for adapter in loaded)
-    weights_at = scheduled_weights(weights, len(loaded), allow_schedules=allow_schedules and live)
-    if not live:
+    mode = LIVE_MODES.get(method)
+    if mode is not None:
+        if not allow_schedules:
+            raise InvalidParameterError(
+                f"{method!r} switches adapters between denoising steps: diffusers pipelines only"
+            )
+        weigh = mode(loaded, params)
+    elif method == "linear" and not params and not any(adapter.is_dora for adapter in loaded):
+        weigh = functools.partial(scheduled_weights, n_adapters=len(loaded), allow_schedules=allow_schedules)
+    else:
+        scheduled_weights(weights, n_adapters=len(loaded), allow_schedules=False)  # refuses schedules
         merged = merge_adapters(loaded, weights, method, dtype=dtype, adapter_name=adapter_name, base=base, **params)
         return merged, None
     check_compatible(loaded, modules)
+    weights_at = weigh(weights)
     weight = weights_at(0.0)
     out_dtype = dtype or loaded[0].metadata.dtype
     sources: dict[str, list[tuple[int, torch.Tensor]]] = {}
@@ -215,14 +229,14 @@ def build_merge(
         merged[module] = concat([u for _, u in pairs], [weight(i, module) for i, _ in pairs]).to(out_dtype)
     first = loaded[0].metadata
     described = WeightSchedule([1.0] * len(loaded) if weights is None else weights).describe()
-    provenance = {"method": "linear", "weights": described, "sources": [a.name for a in loaded]}
+    provenance = {"method": method, "params": params, "weights": described, "sources": [a.name for a in loaded]}
     metadata = AdapterMetadata(
         base_model=first.base_model,
         format=first.format,
         dtype=out_dtype,
         extra={**first.extra, "provenance": provenance},
     )
-    state = LiveMerge(adapter_name, sources, len(loaded), weights_at, allow_schedules)
+    state = LiveMerge(adapter_name, sources, weigh, weights_at)
     return Adapter(merged, metadata, adapter_name), state
 
 
