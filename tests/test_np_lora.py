@@ -112,3 +112,27 @@ def test_merge_adapters_takes_subject_then_style_and_refuses_a_third():
         merge_adapters([subject, style], method="np_lora", mu=1.5)
     with pytest.raises(InvalidParameterError, match="side"):
         merge_adapters([subject, style], method="np_lora", side="left")
+
+
+def test_cli_merges_subject_then_style(tmp_path):
+    from click.testing import CliRunner
+
+    from adaptermerge import load_adapter, save_adapter
+    from adaptermerge.cli import main
+
+    shapes = {"unet.down_blocks.0.attn1.to_q": (12, 10)}
+    paths = [
+        save_adapter(make_adapter(shapes, r, seed=s), tmp_path / f"a{s}", format="peft") for s, r in ((1, 3), (2, 2))
+    ]
+    out = tmp_path / "fused"
+    args = ["-q", "merge", *map(str, paths), "--method", "np_lora", "--mu", "0.5", "--side", "output", "-o", str(out)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    subject, style = (load_adapter(p) for p in paths)
+    module = next(iter(shapes))
+    expected = dense_np_lora(subject[module], style[module], 1.0, 1.0, 0.5, side="output")
+    torch.testing.assert_close(load_adapter(out)[module].to_dense(), expected, rtol=0, atol=1e-5)
+    bad = CliRunner().invoke(
+        main, ["-q", "merge", *map(str, paths), "--method", "np_lora", "--mu", "2", "-o", str(out)]
+    )
+    assert bad.exit_code == 2 and "mu" in bad.output
