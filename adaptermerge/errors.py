@@ -35,6 +35,10 @@ class InvalidParameterError(AdapterMergeError, ValueError):
     """A method parameter or weight is out of range, or an unknown parameter was passed."""
 
 
+class IncompatibleVersionsError(AdapterMergeError, ImportError):
+    """Installed host libraries refuse each other (e.g. a transformers that demands a newer peft)."""
+
+
 class OutputExistsError(AdapterMergeError, FileExistsError):
     """The output path exists and ``overwrite`` was not set."""
 

@@ -155,12 +155,13 @@ def modes(subject: Path, style: Path) -> dict[str, tuple[list, list, str, dict]]
         table[f"k_lora {pattern}"] = (pair, [1.0, 1.0], "k_lora", {"pattern": pattern})
     table["schedule subj 0-0.6, style 0.3-1"] = (pair, [[[0.0, 1.0], [0.6, 0.0]], [[0.3, 1.0]]], "linear", {})
     table["schedule style from 0.5"] = (pair, [1.0, [[0.5, 1.0]]], "linear", {})
+    table["schedule style from 0.9"] = (pair, [1.0, [[0.9, 1.0]]], "linear", {})
     return table
 
 
 def latent_rgb(z: torch.Tensor) -> np.ndarray:
-    """The first three channels of one latent `(4, h, w)` as an RGB uint8 image (values -3…3 mapped to 0…255)."""
-    return ((z[:3].permute(1, 2, 0).clamp(-3, 3) + 3) / 6 * 255).round().byte().numpy()
+    """The first three channels of one latent `(4, h, w)` as an RGB uint8 image (values -1.5…1.5 mapped to 0…255)."""
+    return ((z[:3].permute(1, 2, 0).clamp(-1.5, 1.5) + 1.5) / 3 * 255).round().byte().numpy()
 
 
 def seconds_per_image(pipe, steps: int, repeats: int, callback_factory) -> float:

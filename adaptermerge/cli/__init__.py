@@ -11,7 +11,7 @@ import sys
 import click
 
 from ..errors import AdapterMergeError
-from . import _adapters, _batch, _bench, _rmm, _ui
+from . import _adapters, _batch, _bench, _env, _rmm, _ui
 
 __all__ = ["main"]
 
@@ -49,5 +49,5 @@ def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
     ctx.obj = {"verbose": verbose, "quiet": quiet}
 
 
-for command in _adapters.COMMANDS + _batch.COMMANDS + _bench.COMMANDS + _rmm.COMMANDS + _ui.COMMANDS:
+for command in _adapters.COMMANDS + _batch.COMMANDS + _bench.COMMANDS + _rmm.COMMANDS + _ui.COMMANDS + _env.COMMANDS:
     main.add_command(command)

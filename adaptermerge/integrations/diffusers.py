@@ -22,10 +22,11 @@ from typing import Any
 import torch
 
 from ..adapter import Adapter
-from ..errors import InvalidParameterError
+from ..errors import IncompatibleVersionsError, InvalidParameterError
 from ..io import diffusers as diffusers_io
 from ..merge import AdapterLike
 from ..weights import Weight
+from ._compat import gate_message, transformers_peft_minimum
 from ._live import build_merge, check_host_modules, host_live
 
 __all__ = ["MergeScheduleStep", "find_pipeline_module", "load_into_pipeline", "merge_schedule_callback"]
@@ -58,6 +59,18 @@ def _pipeline_dtype(pipe: Any) -> torch.dtype:
     return torch.float32
 
 
+def _check_text_encoder_loader(merged: Adapter) -> None:
+    """diffusers loads text-encoder LoRAs through transformers' PEFT integration: say first when that refuses."""
+    encoders = sorted({name.split(".")[0] for name in merged if name.startswith("text_encoder")})
+    minimum = transformers_peft_minimum() if encoders else None
+    if minimum is not None:
+        raise IncompatibleVersionsError(
+            f"{gate_message(minimum)}, and diffusers loads the merge's {' and '.join(encoders)} LoRA through "
+            f"transformers: pip install 'peft>={minimum}' or a transformers release that accepts your peft "
+            "(`adaptermerge env` shows what is installed)"
+        )
+
+
 def load_into_pipeline(
     pipe: Any,
     adapters: Sequence[AdapterLike],
@@ -85,6 +98,7 @@ def load_into_pipeline(
         allow_schedules=True,
     )
     check_host_modules(merged, find, type(pipe).__name__)
+    _check_text_encoder_loader(merged)
     loaded = {name for names in pipe.get_list_adapters().values() for name in names}
     if adapter_name in loaded:
         pipe.delete_adapters(adapter_name)
