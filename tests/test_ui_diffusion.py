@@ -97,10 +97,18 @@ def host_render(folders):
 
 
 @torch.no_grad()
-def diffusers_image(pipe):
+def diffusers_image(pipe, callback=None):
     """The image of `pipe` with the page's prompt, steps, size and seed, as integers in [0, 255]."""
     generator = torch.Generator().manual_seed(0)
-    image = pipe(PROMPT, num_inference_steps=STEPS, height=SIZE, width=SIZE, generator=generator, output_type="np")
+    image = pipe(
+        PROMPT,
+        num_inference_steps=STEPS,
+        height=SIZE,
+        width=SIZE,
+        generator=generator,
+        output_type="np",
+        callback_on_step_end=callback,
+    )
     return (np.clip(image.images[0], 0.0, 1.0) * 255).round().astype(int)
 
 
@@ -260,18 +268,7 @@ def test_fusion_schedule_equals_set_adapters_changed_by_hand(client, folders):
         pipe.set_adapters(["smudge", "sparkle"], by_step[(step + 1) % STEPS])
         return kwargs
 
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        image = pipe(
-            PROMPT,
-            num_inference_steps=STEPS,
-            height=SIZE,
-            width=SIZE,
-            generator=generator,
-            output_type="np",
-            callback_on_step_end=callback,
-        ).images[0]
-    assert np.abs(scheduled - (np.clip(image, 0, 1) * 255).round()).max() <= 2
+    assert np.abs(scheduled - diffusers_image(pipe, callback)).max() <= 2
     with pytest.raises(AppError, match="start < stop"):
         fusion(client, "schedule", schedule=(0.6, 0.5, 0.0, 1.0))
 
@@ -284,24 +281,14 @@ def test_fusion_k_lora_and_the_main_sliders_share_the_pipeline(client):
     assert np.array_equal(show(client)[0], base)  # the workbench's own preview comes back unchanged
 
 
+def xy_grid(client, x_values, y_values):
+    """`/fusion_grid` of np_lora (smudge, sparkle at weight 1, mu 1): style weight on x, mu on y."""
+    settings = ["smudge", "sparkle", "np_lora", 1.0, 1.0, 1.0, 0.0, 1.0, 0.0, 1.0]
+    return client.predict(*settings, "style weight", x_values, "mu", y_values, api_name="/fusion_grid")
+
+
 def test_xy_grid_of_style_weight_by_mu_is_one_png_of_the_single_renders(client):
-    grid_path, png = client.predict(
-        "smudge",
-        "sparkle",
-        "np_lora",
-        1.0,
-        1.0,
-        1.0,
-        0.0,
-        1.0,
-        0.0,
-        1.0,
-        "style weight",
-        "0, 1",
-        "mu",
-        "0, 0.5, 1",
-        api_name="/fusion_grid",
-    )
+    grid_path, png = xy_grid(client, "0, 1", "0, 0.5, 1")
     grid = np.asarray(Image.open(grid_path).convert("RGB")).astype(int)
     assert png.endswith(".png") and np.array_equal(np.asarray(Image.open(png).convert("RGB")).astype(int), grid)
     factor, gap, top = 128 // SIZE, 4, 16
@@ -312,20 +299,4 @@ def test_xy_grid_of_style_weight_by_mu_is_one_png_of_the_single_renders(client):
     crop = grid[top + (cell + gap) : top + (cell + gap) + cell, left + cell + gap : left + 2 * cell + gap]
     assert np.array_equal(crop, single.repeat(factor, axis=0).repeat(factor, axis=1))
     with pytest.raises(AppError, match="comma-separated"):
-        client.predict(
-            "smudge",
-            "sparkle",
-            "np_lora",
-            1.0,
-            1.0,
-            1.0,
-            0.0,
-            1.0,
-            0.0,
-            1.0,
-            "style weight",
-            "a, b",
-            "mu",
-            "0",
-            api_name="/fusion_grid",
-        )
+        xy_grid(client, "a, b", "0")
