@@ -17,7 +17,7 @@ from adaptermerge.ui.diffusion import random_pipeline_loras
 from tests.factories import random_lowrank
 from tests.test_no_dense_merge import LargestTensor
 
-from .tiny_models import tiny_llama, tiny_sd_pipeline
+from .tiny_models import tiny_flux_pipeline, tiny_llama, tiny_sd_pipeline
 
 STEPS = 10
 
@@ -73,6 +73,15 @@ def test_layer_by_step_choices_equal_the_codes_rule_at_step_starts(pair, pattern
     assert {"subject", "style"} <= set(ours.values())
     switches = sum(ours[s, m] != ours[s + 1, m] for s in range(STEPS - 1) for m in host_live(pipe)["merged"].sources)
     assert switches > 0
+
+
+def test_flux_transformer_choices_equal_the_codes_rule():
+    """A DiT pipeline: the rule runs on the double and single blocks' attention projections alike."""
+    pipe = tiny_flux_pipeline()
+    pair = random_pipeline_loras(pipe, ["subject", "style"])
+    load_merged_adapters(pipe, pair, method="k_lora")
+    assert any(m.startswith("transformer.single_transformer_blocks.") for m in host_live(pipe)["merged"].sources)
+    assert live_choices(pipe, STEPS) == dense_port(*pair, STEPS)
 
 
 def test_the_codes_per_call_counter_only_switches_a_layer_one_step_earlier(pair):

@@ -68,7 +68,9 @@ def load_merged_adapters(
             `adaptermerge.weights`); 1.0 each by default. In a diffusers pipeline, with `method="linear"`, any number
             may be a step schedule (keyframes `[[0.0, 1.0], [0.6, 0.2]]` or a callable of the denoising progress,
             see `adaptermerge.integrations.schedule`), applied by `merge_schedule_callback`.
-        method (`str`, defaults to `"linear"`): a registered merge method (see `adaptermerge.list_methods()`).
+        method (`str`, defaults to `"linear"`): a registered merge method (see `adaptermerge.list_methods()`), or,
+            in a diffusers pipeline, the live mode `"k_lora"` for `[subject, style]` (parameters `pattern`, `alpha`,
+            `beta`; see `adaptermerge.integrations.k_lora`), applied by `merge_schedule_callback`.
         adapter_name (`str`, defaults to `"merged"`): the name of the merged adapter in the host.
         dtype (`torch.dtype`, *optional*): the merged adapter's dtype; the host's by default.
         **params: the method's parameters (`density=0.5`, `rank=16`, `seed=0`, ...).
