@@ -194,11 +194,17 @@ def main() -> None:
 
     raw = {"base": fidelity(latents(pipe, args.images, args.steps))}
     timing = {"base": seconds_per_image(pipe, args.steps, args.repeats, lambda: None)}
+    shares = {}  # k_lora: the fraction of (layer, step) pairs that use the subject
     for name, (adapters, weights, method, params) in modes(subject, style).items():
         load_merged_adapters(pipe, adapters, weights, method, **params)
         live = "merged" in host_live(pipe)
         factory = (lambda: merge_schedule_callback(pipe)) if live else (lambda: None)
         raw[name] = fidelity(latents(pipe, args.images, args.steps, factory()))
+        if method == "k_lora":
+            live_merge = host_live(pipe)["merged"]
+            shared = [m for m, sources in live_merge.sources.items() if len(sources) == 2]
+            chosen = [live_merge.weights_at(i / args.steps)(0, m) != 0 for i in range(args.steps) for m in shared]
+            shares[name] = sum(chosen) / len(chosen)
         timing[name] = seconds_per_image(pipe, args.steps, args.repeats, factory)
 
     host = tiny_sd_pipeline(seed=0)
@@ -217,6 +223,9 @@ def main() -> None:
     print(f"{'mode':34s} {'subject':>8s} {'style':>8s} {'ms/image':>9s}")
     for name, (s, c) in raw.items():
         print(f"{name:34s} {(s - s0) / (s1 - s0):8.2f} {(c - c0) / (c1 - c0):8.2f} {1000 * timing[name]:9.1f}")
+
+    for name, share in shares.items():
+        print(f"{name}: the subject in {share:.0%} of layer-steps")
 
     cells = []
     for mu in (0.0, 0.5, 1.0):
