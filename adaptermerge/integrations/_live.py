@@ -193,11 +193,12 @@ def build_merge(
     find: Callable[[str], torch.nn.Module | None] | None = None,
     allow_schedules: bool = False,
 ) -> tuple[Adapter, LiveMerge | None]:
-    """The merged adapter to load and, for a plain `linear` merge, the state that re-weights it live.
+    """The merged adapter to load and, for a plain `linear` merge or a live mode, the state that re-weights it live.
 
     `linear` without `rank` concatenates every adapter that has a module, zero weights included (as zero blocks),
     so later weights can be written into the same layers; its weights may be step schedules when `allow_schedules`
-    (the merge is built with those of progress 0). Every other method goes through :func:`merge_adapters`, and so do
+    (the merge is built with those of progress 0). A live mode of `LIVE_MODES` (`k_lora`) is loaded the same way, its
+    weights switching per module over the progress. Every other method goes through :func:`merge_adapters`, and so do
     DoRA adapters: their merged magnitudes depend on the weights and on `W0`, which `find` (the host's layer for a
     module name) supplies from the host itself.
     """
