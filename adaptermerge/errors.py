@@ -43,6 +43,14 @@ class OutputExistsError(AdapterMergeError, FileExistsError):
     """The output path exists and ``overwrite`` was not set."""
 
 
+class OutputPathError(AdapterMergeError, ValueError):
+    """The output path is, contains or lies inside one of the inputs, or a folder stands where a file would go."""
+
+
+class WriteError(AdapterMergeError, OSError):
+    """An output could not be written: no space left on the device, no permission, a read-only file system."""
+
+
 class NotFittedError(AdapterMergeError, ValueError, AttributeError):
     """An estimator-like helper was used before ``fit``."""
 

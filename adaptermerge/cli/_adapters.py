@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..bundle import is_bundle
-from ..io import load_adapter, save_adapter
+from ..io import check_not_input, load_adapter, save_adapter
 from ..lowrank import norm
 from ..merge import load_adapters, merge_adapters
 from ..methods import list_methods
@@ -75,6 +75,8 @@ def merge(ctx: click.Context, adapters: tuple[str, ...], output: Path, method: s
     params = pop_method_params(kwargs)
     start = time.perf_counter()
     loaded = load_adapters(list(adapters), allow_pickle=kwargs["allow_pickle"])
+    sources = [a.metadata.source for a in loaded if a.metadata.source]
+    check_not_input(output, [*adapters, *sources, *([kwargs["base"]] if kwargs["base"] else [])])
     check_disjoint(loaded)  # warns when orthogonal-adaptation concepts were given overlapping basis blocks
     merged = merge_adapters(
         loaded,
@@ -175,6 +177,7 @@ def inspect(path: str, as_json: bool, allow_pickle: bool) -> None:
 def convert(path: str, to_format: str, output: Path, dtype: str | None, overwrite: bool, allow_pickle: bool) -> None:
     """Convert the adapter at PATH to another format; every module's update is kept exactly."""
     adapter = load_adapter(path, allow_pickle=allow_pickle)
+    check_not_input(output, [path, *([adapter.metadata.source] if adapter.metadata.source else [])])
     written = save_adapter(
         adapter, output, format=to_format, overwrite=overwrite, dtype=DTYPES[dtype] if dtype else None
     )
