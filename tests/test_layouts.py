@@ -570,3 +570,84 @@ def test_written_comfyui_qwen_image_file_loads_into_a_tiny_qwen_image_transforme
     )
     converted = host._convert_non_diffusers_qwen_lora_to_diffusers(load_file(path))
     assert_fused_equals_reference(model, converted, load_adapter(path))
+
+
+def test_kohya_sd3_follows_the_mmdit_names_of_diffusers_single_file_converter():
+    """diffusers has no converter for kohya SD3 LoRAs; the trainer names Stability's MMDiT modules, which diffusers'
+    single-file converter maps onto `SD3Transformer2DModel`. A checkpoint whose weights are the LoRA's dense updates
+    (zeros elsewhere) converted by it must give our per-module updates, including the last block's pre-only text
+    stream (two chunks, halves swapped) and SD3.5 Medium's second attention."""
+    from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
+
+    from adaptermerge.io import sd3
+
+    built = Builder(50)
+    lora = {
+        "joint_blocks_0_x_block_attn_qkv": (3 * H, H),
+        "joint_blocks_0_context_block_attn_qkv": (3 * H, H),
+        "joint_blocks_0_x_block_attn2_qkv": (3 * H, H),
+        "joint_blocks_0_context_block_adaLN_modulation_1": (6 * H, H),
+        "joint_blocks_0_context_block_mlp_fc2": (H, 4 * H),
+        "joint_blocks_1_x_block_attn_proj": (H, H),
+        "joint_blocks_1_context_block_adaLN_modulation_1": (2 * H, H),
+        "t_embedder_mlp_0": (H, 8),
+        "final_layer_adaLN_modulation_1": (2 * H, H),
+    }
+    for name, (out, inn) in lora.items():
+        built.add(f"lora_unet_{name}", out, inn, 2, alpha=1)
+    assert detect_format_of(built.state_dict) == "kohya-sd3"
+    ours = sd3.KOHYA.from_state_dict(built.copy())
+    dense_of = {}
+    for name in lora:
+        down, up = (
+            built.state_dict[f"lora_unet_{name}.lora_down.weight"],
+            built.state_dict[f"lora_unet_{name}.lora_up.weight"],
+        )
+        dense_of[sd3.NAMES.to_canonical(name, flat=True)[0].original.replace("{i}", name.split("_")[2])] = (
+            0.5 * up @ down
+        )
+    shapes = {
+        "pos_embed": (1, 4, H),
+        "x_embedder.proj": (H, 4, 2, 2),
+        "t_embedder.mlp.0": (H, 8),
+        "t_embedder.mlp.2": (H, H),
+    }
+    shapes |= {"context_embedder": (H, 12), "y_embedder.mlp.0": (H, 8), "y_embedder.mlp.2": (H, H)}
+    shapes |= {"final_layer.linear": (16, H), "final_layer.adaLN_modulation.1": (2 * H, H)}
+    for i, last in ((0, False), (1, True)):
+        for stream in ("x_block", "context_block"):
+            shapes[f"joint_blocks.{i}.{stream}.attn.qkv"] = (3 * H, H)
+            shapes[f"joint_blocks.{i}.{stream}.adaLN_modulation.1"] = (
+                2 * H if last and stream == "context_block" else 6 * H,
+                H,
+            )
+            if not (last and stream == "context_block"):
+                shapes |= {
+                    f"joint_blocks.{i}.{stream}.attn.proj": (H, H),
+                    f"joint_blocks.{i}.{stream}.mlp.fc1": (4 * H, H),
+                }
+                shapes[f"joint_blocks.{i}.{stream}.mlp.fc2"] = (H, 4 * H)
+    shapes |= {"joint_blocks.0.x_block.attn2.qkv": (3 * H, H), "joint_blocks.0.x_block.attn2.proj": (H, H)}
+    checkpoint = {"pos_embed": torch.zeros(shapes.pop("pos_embed"))}
+    for path, shape in shapes.items():
+        checkpoint[f"{path}.weight"] = dense_of.get(path, torch.zeros(shape))
+        checkpoint[f"{path}.bias"] = torch.zeros(shape[0])
+    converted = convert_sd3_transformer_checkpoint_to_diffusers(checkpoint)
+    assert len(ours) == 3 + 3 + 3 + 6
+    for name, update in ours.items():
+        torch.testing.assert_close(
+            update.to_dense().float(), converted[f"{name.removeprefix('transformer.')}.weight"], msg=name
+        )
+    written = sd3.KOHYA.to_state_dict(ours)
+    assert {k.rsplit(".", 2)[0] for k in written} == {k.rsplit(".", 2)[0] for k in built.state_dict}
+    assert_same_updates(sd3.KOHYA.from_state_dict(written), ours)
+
+
+def test_a_layout_file_with_an_odd_module_is_still_detected_and_skipped_by_name(tmp_path):
+    built = kohya_flux(51, single=False)
+    built.add("lora_unet_double_blocks_0_img_attn_norm_query_norm", H, H, 2)
+    assert detect_format_of(built.state_dict) == "kohya-flux"
+    with pytest.raises(AdapterFormatError, match="query_norm"):
+        flux.KOHYA.from_state_dict(built.copy())
+    adapter = flux.KOHYA.from_state_dict(built.copy(), skip_unknown=True)
+    assert len(adapter.metadata.extra["unused_keys"]) == 2

@@ -7,7 +7,7 @@ from pathlib import Path
 from types import ModuleType
 
 from ..errors import AdapterFormatError
-from . import diffusers, flux, kohya, peft, peft_state_dict, qwen_image, wan
+from . import diffusers, flux, kohya, peft, peft_state_dict, qwen_image, sd3, wan
 from ._layout import Layout
 from ._source import PICKLE_SUFFIXES, open_source
 
@@ -16,7 +16,8 @@ FORMATS: dict[str, ModuleType] = {"peft": peft, "diffusers": diffusers, "kohya":
 # Trainer layouts of DiT families, each a name map onto its family's diffusers names; checked before the formats
 # above, since kohya Flux and musubi Wan keys also start with `lora_unet_` and fal's with `base_model.model.`.
 LAYOUTS: dict[str, Layout] = {
-    layout.name: layout for layout in (*flux.LAYOUTS, *wan.LAYOUTS, *qwen_image.LAYOUTS, *peft_state_dict.LAYOUTS)
+    layout.name: layout
+    for layout in (*flux.LAYOUTS, *sd3.LAYOUTS, *wan.LAYOUTS, *qwen_image.LAYOUTS, *peft_state_dict.LAYOUTS)
 }
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}$")
 

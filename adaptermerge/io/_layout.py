@@ -58,12 +58,19 @@ class Rule:
             input are `(1, 1, 1, 4)`); equal parts when empty.
         swap_halves (`bool`): the two halves of the rows are swapped (BFL's final `adaLN_modulation` is
             shift-then-scale, diffusers' `norm_out.linear` scale-then-shift).
+        swap_two_chunks (`bool`): the halves are swapped when the module has exactly two chunks of its input width
+            (SD3's last, pre-only context `adaLN_modulation`; the others have six chunks and keep their order).
     """
 
     original: str
     canonical: tuple[str, ...]
     sizes: tuple[int, ...] = ()
     swap_halves: bool = False
+    swap_two_chunks: bool = False
+
+    def swaps(self, out_features: int, in_features: int | None) -> bool:
+        """Whether a module of this rule with these widths has its two halves of rows swapped."""
+        return self.swap_halves or (self.swap_two_chunks and out_features == 2 * (in_features or 0))
 
     @functools.cached_property
     def patterns(self) -> dict[bool, re.Pattern[str]]:
@@ -84,9 +91,9 @@ class Rule:
             )
         return sizes
 
-    def rows(self, out_features: int, where: str) -> list[tuple[tuple[int, int], ...]]:
+    def rows(self, out_features: int, where: str, in_features: int | None = None) -> list[tuple[tuple[int, int], ...]]:
         """The row ranges of `B` (or of a bias) that make each canonical module."""
-        if self.swap_halves:
+        if self.swaps(out_features, in_features):
             half = out_features // 2
             return [((half, out_features), (0, half))]
         if len(self.canonical) == 1:
@@ -145,9 +152,11 @@ def _sizes(rule: Rule, known: Mapping[int, int], where: str) -> list[int]:
     return sizes
 
 
-def join_rows(rule: Rule, parts: Mapping[int, torch.Tensor], where: str) -> torch.Tensor:
+def join_rows(
+    rule: Rule, parts: Mapping[int, torch.Tensor], where: str, in_features: int | None = None
+) -> torch.Tensor:
     """One module's dense side-car from its canonical parts (zeros for a part that has none), rows put back."""
-    if rule.swap_halves:
+    if rule.swaps(parts[0].shape[0] if 0 in parts else 0, in_features):
         half = parts[0].shape[0] // 2
         return torch.cat([parts[0][half:], parts[0][:half]])
     if len(rule.canonical) == 1:
@@ -174,9 +183,9 @@ def _same_factor(A: torch.Tensor, first: torch.Tensor) -> bool:
 
 def join_parts(rule: Rule, parts: Mapping[int, LowRank], where: str) -> LowRank:
     """One module's update from its canonical parts: rows permuted back, or fused projections joined exactly."""
-    if rule.swap_halves:
+    if rule.swaps(parts[0].out_features if 0 in parts else 0, parts[0].in_features if 0 in parts else None):
         lowrank = parts[0]
-        return LowRank(lowrank.A, join_rows(rule, {0: lowrank.B}, where), lowrank.kernel_size)
+        return LowRank(lowrank.A, join_rows(rule, {0: lowrank.B}, where, lowrank.in_features), lowrank.kernel_size)
     if len(rule.canonical) == 1:
         return parts[0]
     present = [parts[i] for i in sorted(parts)]
@@ -258,13 +267,20 @@ class Layout:
         return found
 
     def detect(self, path: Path, keys: list[str]) -> bool:
-        """A file whose keys all carry this layout's prefixes and name at least one of the family's modules."""
+        """A file whose keys all carry this layout's prefixes and most of whose LoRA modules are the family's (so a
+        file with an odd module is still read, and refused or skipped by name; families that share a few names, such
+        as Flux.1 and SD3 `final_layer`, are told apart). With an identity name map, one module matches the marker."""
         if path.is_dir() or not keys or not all(k.startswith((self.prefix, *self.text_encoders)) for k in keys):
             return False
-        stems = {split[0][len(self.prefix) :] for k in keys if k.startswith(self.prefix) and (split := self._split(k))}
+        stems = {
+            split[0][len(self.prefix) :]
+            for k in keys
+            if k.startswith(self.prefix) and (split := self._split(k)) and split[1] in ("down", "up")
+        }
         if self.marker is not None:
             return any(re.search(self.marker, stem) for stem in stems)
-        return any(self.names.to_canonical(stem, flat=self.flat) for stem in stems)
+        known = sum(self.names.to_canonical(stem, flat=self.flat) is not None for stem in stems)
+        return known > len(stems) / 2
 
     def parse(self, source: TensorSource, *, skip_unknown: bool = False) -> tuple[dict, dict, list[str]]:
         """What a state dict in this layout holds, under canonical names.
@@ -297,7 +313,8 @@ class Layout:
                 rank = factor_shapes(source, stem, roles["down"], roles["up"])[0][0]
                 alpha = alpha_tensor(source, roles["alpha"], stem) if "alpha" in roles else 0.0
                 scale = alpha / rank if alpha else 1.0
-                for name, rows in zip(names, rule.rows(source.shape(roles["up"])[0], where)):
+                in_features = source.shape(roles["down"])[1]
+                for name, rows in zip(names, rule.rows(source.shape(roles["up"])[0], where, in_features)):
                     if name in entries:
                         raise AdapterFormatError(
                             f"{source.name}: two modules map to {name!r} (the second is {stem!r})"
