@@ -173,8 +173,8 @@ def merge_adapters(
             `adaptermerge.methods.dora`). Without it, merging DoRA adapters is refused rather than approximated.
         num_workers (`int`, *optional*): threads merging modules side by side; one per core (at most 8) by default.
         progressbar (`bool`, defaults to `False`): show a progress bar over modules.
-        skip_unknown (`bool`, defaults to `False`): merge trainer-layout files that hold keys nothing understands,
-            leaving those keys out (each input lists them in `metadata.extra["unused_keys"]`).
+        skip_unknown (`bool`, defaults to `False`): merge files that hold keys nothing understands, leaving those
+            modules out (each input lists the keys in `metadata.extra["unused_keys"]`).
         **params: the method's parameters (e.g. `density=0.5`, `majority_sign_method="total"`, `seed=0`).
 
     Returns:

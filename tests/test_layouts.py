@@ -649,5 +649,26 @@ def test_a_layout_file_with_an_odd_module_is_still_detected_and_skipped_by_name(
     assert detect_format_of(built.state_dict) == "kohya-flux"
     with pytest.raises(AdapterFormatError, match="query_norm"):
         flux.KOHYA.from_state_dict(built.copy())
-    adapter = flux.KOHYA.from_state_dict(built.copy(), skip_unknown=True)
-    assert len(adapter.metadata.extra["unused_keys"]) == 2
+    from adaptermerge.io._source import skipping_unknown_keys
+
+    with skipping_unknown_keys() as unused:
+        adapter = flux.KOHYA.from_state_dict(built.copy())
+    assert len(unused) == 2 and "transformer.transformer_blocks.0.attn.to_q" in adapter
+
+
+def test_kohya_modules_the_reader_cannot_read_are_skipped_whole_when_asked(tmp_path):
+    from safetensors.torch import save_file
+
+    from adaptermerge.io import kohya as kohya_io
+
+    built = Builder(52)
+    built.add("lora_unet_down_blocks_0_resnets_0_conv1", H, H, 2)
+    built.state_dict["lora_unet_down_blocks_0_resnets_0_conv1.lora_mid.weight"] = torch.zeros(2, 2, 3, 3)
+    built.add("lora_unet_mid_block_attentions_0_proj_in", H, H, 2)
+    path = tmp_path / "tucker.safetensors"
+    save_file(built.copy(), path)
+    with pytest.raises(AdapterFormatError, match="LyCORIS"):
+        load_adapter(path)
+    adapter = load_adapter(path, skip_unknown=True)
+    assert list(adapter) == ["unet.mid_block.attentions.0.proj_in"]  # the Tucker module is left out whole
+    assert len(adapter.metadata.extra["unused_keys"]) == 3 and adapter.metadata.format == kohya_io.FORMAT

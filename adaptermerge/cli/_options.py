@@ -110,7 +110,7 @@ overwrite_option = click.option("--overwrite", is_flag=True, help="Replace OUTPU
 skip_unknown_option = click.option(
     "--skip-unknown",
     is_flag=True,
-    help="Read trainer-layout files (kohya Flux, ComfyUI Wan, ...) with keys nothing understands, leaving them out.",
+    help="Read files with keys nothing understands, leaving those modules out (the summary counts the keys).",
 )
 allow_pickle_option = click.option(
     "--allow-pickle", is_flag=True, help="Read .bin/.pt/.ckpt pickle checkpoints (only for files you trust)."

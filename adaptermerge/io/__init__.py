@@ -16,6 +16,7 @@ from ..errors import AdapterFormatError
 from ._detect import FORMATS, LAYOUTS, detect_format, format_module, is_hub_id
 from ._family import check_same_family, model_family
 from ._layout import Layout
+from ._source import skipping_unknown_keys
 from ._write import check_not_input
 
 __all__ = [
@@ -86,9 +87,8 @@ def load_adapter(
             `"comfyui-wan"`, ...; see `LAYOUTS`), or `"auto"` to detect.
         allow_pickle (`bool`, defaults to `False`): read `.bin`/`.pt`/`.ckpt` checkpoints (unpickling can run code).
         name (`str`, *optional*): the adapter's name in tables and errors; the file or folder stem by default.
-        skip_unknown (`bool`, defaults to `False`): read a trainer-layout file (kohya Flux, ComfyUI Wan, ...) even
-            when it holds keys nothing understands, listing them in `metadata.extra["unused_keys"]`; the peft,
-            diffusers and kohya readers always refuse such keys.
+        skip_unknown (`bool`, defaults to `False`): read a file even when it holds keys nothing understands (a
+            module with such a key is left out whole), listing them in `metadata.extra["unused_keys"]`.
 
     Raises:
         AdapterFormatError: for unknown formats and unreadable, empty or truncated files.
@@ -96,11 +96,10 @@ def load_adapter(
     """
     local = resolve_path(path, allow_pickle=allow_pickle)
     fmt = detect_format(local, allow_pickle=allow_pickle) if format == "auto" else format
-    reader = format_module(fmt)
-    if isinstance(reader, Layout):
-        adapter = reader.load(local, allow_pickle=allow_pickle, skip_unknown=skip_unknown)
-    else:
-        adapter = reader.load(local, allow_pickle=allow_pickle)
+    with skipping_unknown_keys(skip_unknown) as unused:
+        adapter = format_module(fmt).load(local, allow_pickle=allow_pickle)
+    if unused:
+        adapter = adapter.with_modules(adapter.modules, extra={**adapter.metadata.extra, "unused_keys": unused})
     stem = local.stem if local.is_file() and local.name != "adapter_model.safetensors" else local.name
     return Adapter(adapter.modules, adapter.metadata, name or stem or adapter.name, adapter.side_cars)
 

@@ -282,15 +282,15 @@ class Layout:
         known = sum(self.names.to_canonical(stem, flat=self.flat) is not None for stem in stems)
         return known > len(stems) / 2
 
-    def parse(self, source: TensorSource, *, skip_unknown: bool = False) -> tuple[dict, dict, list[str]]:
+    def parse(self, source: TensorSource) -> tuple[dict, dict]:
         """What a state dict in this layout holds, under canonical names.
 
         Returns:
-            `(entries, side_cars, unused)`: module name → :class:`ModuleEntry`, side-car name → `(key, rows)`, and
-            the keys nothing understood (empty unless `skip_unknown`).
+            `(entries, side_cars)`: module name → :class:`ModuleEntry`, and side-car name → `(key, rows)`.
 
         Raises:
-            AdapterFormatError: for keys nothing understands (unless `skip_unknown`) and factors that do not pair.
+            AdapterFormatError: for keys nothing understands (outside `skipping_unknown_keys`) and factors that do
+                not pair.
         """
         keys = source.keys()
         found: dict[str, dict[str, str]] = {}
@@ -325,32 +325,23 @@ class Layout:
                 for name, rows in zip(names, rule.rows(source.shape(key)[0], where)):
                     side_cars[f"{name}.{kind}"] = (key, rows)
             used.update(roles.values())
-        if not skip_unknown:
-            take_unused(keys, used, source, self.name)
-        return entries, side_cars, [k for k in keys if k not in used]
+        take_unused(keys, used, source, self.name)
+        return entries, side_cars
 
-    def _adapter(self, source: TensorSource, name: str, skip_unknown: bool = False) -> Adapter:
-        entries, side_cars, unused = self.parse(source, skip_unknown=skip_unknown)
-        extra = {"unused_keys": unused} if unused else {}
-        return lazy_adapter(source, entries, name, side_cars, format=self.name, extra=extra)
+    def _adapter(self, source: TensorSource, name: str) -> Adapter:
+        entries, side_cars = self.parse(source)
+        return lazy_adapter(source, entries, name, side_cars, format=self.name)
 
-    def load(self, path: str | Path, *, allow_pickle: bool = False, skip_unknown: bool = False) -> Adapter:
-        """Read a LoRA file in this layout, lazily, under the family's canonical module names.
-
-        Args:
-            skip_unknown (`bool`, defaults to `False`): leave out keys nothing understands (listed in
-                `metadata.extra["unused_keys"]`) instead of refusing the file.
-        """
+    def load(self, path: str | Path, *, allow_pickle: bool = False) -> Adapter:
+        """Read a LoRA file in this layout, lazily, under the family's canonical module names."""
         path = Path(path)
         if path.is_dir():
             raise AdapterFormatError(f"{path}: a {self.name} LoRA is one file; pass the file itself")
-        return self._adapter(open_source(path, allow_pickle=allow_pickle), path.stem, skip_unknown)
+        return self._adapter(open_source(path, allow_pickle=allow_pickle), path.stem)
 
-    def from_state_dict(
-        self, state_dict: Mapping[str, torch.Tensor], name: str = "adapter", *, skip_unknown: bool = False
-    ) -> Adapter:
+    def from_state_dict(self, state_dict: Mapping[str, torch.Tensor], name: str = "adapter") -> Adapter:
         """An adapter from an in-memory state dict in this layout."""
-        return self._adapter(DictSource(state_dict, name=name), name, skip_unknown)
+        return self._adapter(DictSource(state_dict, name=name), name)
 
     def _stem(self, name: str, *, side_car: bool = False) -> tuple[str, int, Rule]:
         if found := self.names.from_canonical(name):

@@ -7,6 +7,8 @@ holds one module of each input at a time.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import struct
 from collections.abc import Iterator, Mapping
@@ -287,9 +289,32 @@ def lazy_adapter(
     return Adapter(modules, metadata, name, LazyTensors(source, side_cars or {}))
 
 
+_SKIPPED: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("skipped_unknown_keys", default=None)
+
+
+@contextlib.contextmanager
+def skipping_unknown_keys(skip: bool = True) -> Iterator[list[str]]:
+    """Within the block, format parsers leave out keys they do not understand instead of refusing the file, and
+    the yielded list collects them (with `skip` false, nothing changes and the list stays empty)."""
+    skipped: list[str] = []
+    token = _SKIPPED.set(skipped if skip else None)
+    try:
+        yield skipped
+    finally:
+        _SKIPPED.reset(token)
+
+
+def unknown_keys_skipped() -> bool:
+    """Whether parsers are inside :func:`skipping_unknown_keys`."""
+    return _SKIPPED.get() is not None
+
+
 def take_unused(keys: list[str], used: set[str], source: TensorSource, what: str) -> None:
-    """Fail loudly, as diffusers' converters do, when a format parser left keys it did not understand."""
+    """Fail loudly, as diffusers' converters do, when a format parser left keys it did not understand (inside
+    :func:`skipping_unknown_keys`, record them instead)."""
     left = [k for k in keys if k not in used]
-    if left:
+    if left and (skipped := _SKIPPED.get()) is not None:
+        skipped.extend(left)
+    elif left:
         shown = ", ".join(left[:5]) + (f" and {len(left) - 5} more" if len(left) > 5 else "")
         raise AdapterFormatError(f"{source.name}: keys that are not {what} LoRA weights: {shown}")

@@ -35,6 +35,7 @@ from ._source import (
     lazy_adapter,
     open_source,
     take_unused,
+    unknown_keys_skipped,
 )
 from ._validate import alpha_tensor, factor_shapes
 from ._write import atomic_path, provenance_metadata, save_tensors
@@ -201,7 +202,13 @@ def parse(source: TensorSource) -> dict[str, ModuleEntry]:
     """Module name → entry for every module of a kohya state dict; refuses keys it cannot place."""
     keys = source.keys()
     unsupported = next((k for k in keys if any(marker in k for marker in _LYCORIS)), None)
-    if unsupported is not None:
+    if unsupported is not None and unknown_keys_skipped():
+        # A module with a key we cannot read (a Tucker core, a DoRA scale) is left out whole: its other factors
+        # alone would be another update.
+        skipped = {k.split(".")[0] for k in keys if any(marker in k for marker in _LYCORIS)}
+        keys = [k for k in keys if k.split(".")[0] not in skipped]
+        take_unused(source.keys(), set(keys), source, "kohya")
+    elif unsupported is not None:
         raise AdapterFormatError(
             f"{source.name}: key {unsupported!r} belongs to a LyCORIS module (Tucker LoCon, DoRA, OFT or full diff); "
             "only LoRA/LoCon, LoHa and LoKr modules can be merged"
