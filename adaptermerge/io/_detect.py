@@ -7,7 +7,7 @@ from pathlib import Path
 from types import ModuleType
 
 from ..errors import AdapterFormatError
-from . import diffusers, flux, kohya, peft, peft_state_dict, qwen_image, sd3, wan
+from . import diffusers, flux, hunyuan_video, kohya, peft, peft_state_dict, qwen_image, sd3, wan
 from ._layout import Layout
 from ._source import PICKLE_SUFFIXES, open_source
 
@@ -17,7 +17,14 @@ FORMATS: dict[str, ModuleType] = {"peft": peft, "diffusers": diffusers, "kohya":
 # above, since kohya Flux and musubi Wan keys also start with `lora_unet_` and fal's with `base_model.model.`.
 LAYOUTS: dict[str, Layout] = {
     layout.name: layout
-    for layout in (*flux.LAYOUTS, *sd3.LAYOUTS, *wan.LAYOUTS, *qwen_image.LAYOUTS, *peft_state_dict.LAYOUTS)
+    for layout in (
+        *flux.LAYOUTS,
+        *sd3.LAYOUTS,
+        *hunyuan_video.LAYOUTS,
+        *wan.LAYOUTS,
+        *qwen_image.LAYOUTS,
+        *peft_state_dict.LAYOUTS,
+    )
 }
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}$")
 
