@@ -11,14 +11,8 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from ..bundle import is_bundle
-from ..io import load_adapter, save_adapter
-from ..lowrank import norm
-from ..merge import load_adapters, merge_adapters
-from ..methods import list_methods
-from ..training.orthogonal import check_disjoint
+from ._catalog import load_catalog
 from ._options import (
-    DTYPES,
     allow_pickle_option,
     dtype_option,
     format_option,
@@ -26,8 +20,8 @@ from ._options import (
     overwrite_option,
     parse_weights,
     pop_method_params,
+    torch_dtype,
 )
-from ._rmm import show_bundle
 
 
 def _quiet(ctx: click.Context) -> bool:
@@ -72,6 +66,10 @@ def merge(ctx: click.Context, adapters: tuple[str, ...], output: Path, method: s
       adaptermerge merge a/ b/ -w 0.7,0.3 --rank 16 -o ab/         weighted, truncated to rank 16
       adaptermerge merge a.safetensors b.safetensors -m ties --density 0.3 -o ab.safetensors
     """
+    from ..io import save_adapter
+    from ..merge import load_adapters, merge_adapters
+    from ..training.orthogonal import check_disjoint
+
     params = pop_method_params(kwargs)
     start = time.perf_counter()
     loaded = load_adapters(list(adapters), allow_pickle=kwargs["allow_pickle"])
@@ -81,7 +79,7 @@ def merge(ctx: click.Context, adapters: tuple[str, ...], output: Path, method: s
         parse_weights(weights),
         method,
         rank=kwargs["rank"],
-        dtype=DTYPES[kwargs["dtype"]] if kwargs["dtype"] else None,
+        dtype=torch_dtype(kwargs["dtype"]),
         allow_pickle=kwargs["allow_pickle"],
         base=kwargs["base"],
         progressbar=not _quiet(ctx),
@@ -101,6 +99,9 @@ def merge(ctx: click.Context, adapters: tuple[str, ...], output: Path, method: s
 
 def describe(path: str, *, allow_pickle: bool = False) -> dict[str, Any]:
     """What `inspect` reports about one adapter, as plain data."""
+    from ..io import load_adapter
+    from ..lowrank import norm
+
     adapter = load_adapter(path, allow_pickle=allow_pickle)
     modules = []
     for name, lowrank in adapter.items():
@@ -137,7 +138,11 @@ def inspect(path: str, as_json: bool, allow_pickle: bool) -> None:
 
     Norms are computed on the factors (Frobenius norm of scale·B·A), so this is fast even for large adapters.
     """
+    from ..bundle import is_bundle
+
     if is_bundle(path):
+        from ._rmm import show_bundle
+
         return show_bundle(path, as_json=as_json)
     info = describe(path, allow_pickle=allow_pickle)
     if as_json:
@@ -174,10 +179,10 @@ def inspect(path: str, as_json: bool, allow_pickle: bool) -> None:
 @allow_pickle_option
 def convert(path: str, to_format: str, output: Path, dtype: str | None, overwrite: bool, allow_pickle: bool) -> None:
     """Convert the adapter at PATH to another format; every module's update is kept exactly."""
+    from ..io import load_adapter, save_adapter
+
     adapter = load_adapter(path, allow_pickle=allow_pickle)
-    written = save_adapter(
-        adapter, output, format=to_format, overwrite=overwrite, dtype=DTYPES[dtype] if dtype else None
-    )
+    written = save_adapter(adapter, output, format=to_format, overwrite=overwrite, dtype=torch_dtype(dtype))
     click.echo(f"Wrote {written} ({to_format}, {len(adapter)} modules)")
 
 
@@ -185,8 +190,10 @@ def convert(path: str, to_format: str, output: Path, dtype: str | None, overwrit
 def methods() -> None:
     """List the merge methods with their parameters and papers."""
     table = Table("method", "what it does", "parameters", "paper")
-    for method in list_methods():
-        table.add_row(method.name, method.summary, ", ".join(method.param_names) or "-", method.reference_url)
+    for method in load_catalog():
+        table.add_row(
+            method.name, method.summary, ", ".join(p.name for p in method.params) or "-", method.reference_url
+        )
     Console().print(table)
 
 

@@ -9,9 +9,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from ..bundle import load_bundle
-from ..io import save_adapter
-from ._options import DTYPES, dtype_option, format_option, overwrite_option
+from ._options import dtype_option, format_option, overwrite_option, torch_dtype
 
 
 @click.command()
@@ -34,16 +32,19 @@ def recover(
       adaptermerge merge a/ b/ c/ --method rmm --basis-size 2 -o bundle/
       adaptermerge recover bundle/ --task b -o b_recovered/
     """
+    from ..bundle import load_bundle
+    from ..io import save_adapter
+
     loaded = load_bundle(bundle)
     adapter = loaded.recover(task)
-    path = save_adapter(
-        adapter, output, format=output_format, overwrite=overwrite, dtype=DTYPES[dtype] if dtype else None
-    )
+    path = save_adapter(adapter, output, format=output_format, overwrite=overwrite, dtype=torch_dtype(dtype))
     click.echo(f"Recovered task {task!r} from {bundle} into {path} ({len(adapter)} modules)")
 
 
 def show_bundle(path: str, *, as_json: bool) -> None:
     """Print a bundle's tasks, basis size, storage against the separate adapters, and reconstruction errors."""
+    from ..bundle import load_bundle
+
     info = load_bundle(path).storage()
     if as_json:
         click.echo(json.dumps({"path": str(path), "kind": "rmm_bundle", **info}, indent=2))
