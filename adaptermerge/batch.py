@@ -245,7 +245,7 @@ def run_jobs(
     todo = []
     for i, job in enumerate(jobs):
         if job.output.exists() and not force:
-            results[i] = JobResult(job.name, "skipped", str(job.output), message="output exists; --force redoes it")
+            results[i] = JobResult(job.name, "skipped", str(job.output), message="output exists")
         else:
             todo.append(i)
     finished = map_tasks(

@@ -111,7 +111,7 @@ def test_bench_quality_cli_trains_the_suite_of_the_seed_it_is_given(small_suite,
         return suite
 
     monkeypatch.setattr(digits, "load_digits_suite", fake_load)
-    args = ["bench", "quality", "--seed", "3", "--methods", "linear", "--peft-types", "", "--out", str(tmp_path)]
+    args = ["bench", "quality", "--seed", "3", "--methods", "linear", "--peft-types", "", "-o", str(tmp_path)]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     assert [c.seed for c in asked] == [3]

@@ -12,7 +12,9 @@ from rich.console import Console
 from rich.table import Table
 
 from ._catalog import load_catalog
+from ._console import is_quiet, spinner
 from ._options import (
+    FORMATS,
     allow_pickle_option,
     dtype_option,
     format_option,
@@ -20,12 +22,9 @@ from ._options import (
     overwrite_option,
     parse_weights,
     pop_method_params,
+    renamed_option,
     torch_dtype,
 )
-
-
-def _quiet(ctx: click.Context) -> bool:
-    return bool(ctx.find_root().obj and ctx.find_root().obj.get("quiet"))
 
 
 @click.command()
@@ -82,13 +81,16 @@ def merge(ctx: click.Context, adapters: tuple[str, ...], output: Path, method: s
         dtype=torch_dtype(kwargs["dtype"]),
         allow_pickle=kwargs["allow_pickle"],
         base=kwargs["base"],
-        progressbar=not _quiet(ctx),
+        progressbar=not is_quiet(ctx),
         **params,
     )
-    if hasattr(merged, "save"):  # a method that returns something other than an adapter (rmm's bundle) saves itself
-        return click.echo(f"Wrote {merged!r} to {merged.save(output, overwrite=kwargs['overwrite'])}")
-    path = save_adapter(merged, output, format=kwargs["output_format"], overwrite=kwargs["overwrite"])
-    if not _quiet(ctx):
+    with spinner(f"writing {output}"):
+        if hasattr(
+            merged, "save"
+        ):  # a method that returns something other than an adapter (rmm's bundle) saves itself
+            return click.echo(f"Wrote {merged!r} to {merged.save(output, overwrite=kwargs['overwrite'])}")
+        path = save_adapter(merged, output, format=kwargs["output_format"], overwrite=kwargs["overwrite"])
+    if not is_quiet(ctx):
         ranks = sorted({lr.rank for lr in merged.values()})
         click.echo(
             f"Merged {len(adapters)} adapters with {method!r} into {path} "
@@ -170,20 +172,29 @@ def inspect(path: str, as_json: bool, allow_pickle: bool) -> None:
 
 @click.command()
 @click.argument("path")
-@click.option(
-    "--to", "to_format", type=click.Choice(["peft", "kohya", "diffusers"]), required=True, help="Target format."
-)
+@click.option("--format", "output_format", type=click.Choice(FORMATS), default=None, help="Target format (required).")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Where to write the result.")
 @dtype_option
 @overwrite_option
 @allow_pickle_option
-def convert(path: str, to_format: str, output: Path, dtype: str | None, overwrite: bool, allow_pickle: bool) -> None:
-    """Convert the adapter at PATH to another format; every module's update is kept exactly."""
+@renamed_option("--to", "--format", "output_format", type=click.Choice(FORMATS))
+def convert(
+    path: str, output_format: str | None, output: Path, dtype: str | None, overwrite: bool, allow_pickle: bool
+) -> None:
+    """Convert the adapter at PATH to another format; every module's update is kept exactly.
+
+    \b
+    Example:
+      adaptermerge convert style.safetensors --format peft -o style_peft/
+    """
     from ..io import load_adapter, save_adapter
 
+    if output_format is None:
+        raise click.UsageError("Missing option '--format' (one of: peft, kohya, diffusers).")
     adapter = load_adapter(path, allow_pickle=allow_pickle)
-    written = save_adapter(adapter, output, format=to_format, overwrite=overwrite, dtype=torch_dtype(dtype))
-    click.echo(f"Wrote {written} ({to_format}, {len(adapter)} modules)")
+    with spinner(f"writing {output}"):
+        written = save_adapter(adapter, output, format=output_format, overwrite=overwrite, dtype=torch_dtype(dtype))
+    click.echo(f"Wrote {written} ({output_format}, {len(adapter)} modules)")
 
 
 @click.command()

@@ -14,11 +14,8 @@ from rich.console import Console
 from rich.table import Table
 
 from ..batch import BACKENDS, JobResult
-
-
-def _quiet(ctx: click.Context) -> bool:
-    return bool(ctx.find_root().obj and ctx.find_root().obj.get("quiet"))
-
+from ._console import console, is_quiet, spinner
+from ._options import allow_pickle_option, overwrite_option, renamed_option
 
 backend_option = click.option(
     "--backend",
@@ -58,7 +55,7 @@ def _summary(results: list[JobResult], folder: Path) -> Table:
 @click.command()
 @click.argument("recipe", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--dry-run", is_flag=True, help="Validate the recipe and list what would run, without merging.")
-@click.option("--force", is_flag=True, help="Redo merges whose output already exists (they are skipped otherwise).")
+@click.option("--overwrite", is_flag=True, help="Redo merges whose output exists (they are skipped otherwise).")
 @click.option(
     "--allow-root",
     "allow_roots",
@@ -69,12 +66,13 @@ def _summary(results: list[JobResult], folder: Path) -> Table:
 @backend_option
 @ray_address_option
 @workers_option
+@renamed_option("--force", "--overwrite", "overwrite", is_flag=True)
 @click.pass_context
 def run(
     ctx: click.Context,
     recipe: Path,
     dry_run: bool,
-    force: bool,
+    overwrite: bool,
     allow_roots: tuple[Path, ...],
     backend: str,
     ray_address: str | None,
@@ -95,11 +93,11 @@ def run(
     from ..recipes import load_recipe
 
     loaded = load_recipe(recipe, allowed_roots=allow_roots)
-    console = Console(stderr=False, quiet=_quiet(ctx))
+    console = Console(stderr=False, quiet=is_quiet(ctx))
     if dry_run:
         table = Table("merge", "method", "adapters", "weights", "output", "status", title=f"{recipe} (dry run)")
         for job in loaded.jobs:
-            status = "exists: skip" if job.output.exists() and not force else "would run"
+            status = "exists: skip" if job.output.exists() and not overwrite else "would run"
             weights = ", ".join(map(str, job.weights))
             adapters = "\n".join(_shown(a, recipe.parent) for a in job.adapters)
             table.add_row(job.name, job.method, adapters, weights, _shown(job.output, recipe.parent), status)
@@ -107,15 +105,17 @@ def run(
         return
     results = run_jobs(
         loaded.jobs,
-        force=force,
+        force=overwrite,
         backend=backend,
         workers=workers,
         ray_address=ray_address,
-        progressbar=not _quiet(ctx),
+        progressbar=not is_quiet(ctx),
     )
     console.print(_summary(results, recipe.parent))
     counts = {s: sum(r.status == s for r in results) for s in ("done", "skipped", "failed")}
     console.print(", ".join(f"{n} {s}" for s, n in counts.items()))
+    if counts["skipped"]:
+        console.print("Skipped merges' outputs exist already; --overwrite redoes them.")
     if counts["failed"]:
         for r in results:
             if r.status == "failed":
@@ -137,9 +137,7 @@ def library() -> None:
     default=None,
     help="Write the index (.json or .csv).",
 )
-@click.option(
-    "--allow-pickle", is_flag=True, help="Read .bin/.pt/.ckpt pickle checkpoints (only for files you trust)."
-)
+@allow_pickle_option
 @click.pass_context
 def scan(ctx: click.Context, folder: Path, output: Path | None, allow_pickle: bool) -> None:
     """Index the adapters in FOLDER (any format, searched recursively): base model, ranks, modules, size.
@@ -151,7 +149,7 @@ def scan(ctx: click.Context, folder: Path, output: Path | None, allow_pickle: bo
     if output is not None and output.suffix not in (".json", ".csv"):
         raise click.BadParameter("the index is written as .json or .csv", param_hint="--output")
     index = scan_library(folder, allow_pickle=allow_pickle)
-    console = Console(quiet=_quiet(ctx))
+    console = Console(quiet=is_quiet(ctx))
     table = Table("adapter", "format", "base model", "modules", "ranks", "size", title=str(folder))
     for e in index.entries:
         ranks = " ".join(map(str, e.ranks))
@@ -169,22 +167,23 @@ def scan(ctx: click.Context, folder: Path, output: Path | None, allow_pickle: bo
 @click.option(
     "-o",
     "--output",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=Path("similarity.csv"),
-    help="Where to write the matrix (.csv or .json).",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Folder to write the matrix (similarity.csv or .json) and heatmap (similarity.png) into; "
+    "only printed by default.",
 )
 @click.option(
-    "--heatmap",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="Where to save the heatmap PNG; OUTPUT with a .png suffix by default.",
+    "--format",
+    "matrix_format",
+    type=click.Choice(["csv", "json"]),
+    default="csv",
+    help="File format of the matrix written to OUTPUT.",
 )
 @click.option(
     "--top", type=click.IntRange(min=1), default=5, help="How many most similar and interfering pairs to list."
 )
-@click.option(
-    "--allow-pickle", is_flag=True, help="Read .bin/.pt/.ckpt pickle checkpoints (only for files you trust)."
-)
+@overwrite_option
+@allow_pickle_option
 @backend_option
 @ray_address_option
 @workers_option
@@ -192,9 +191,10 @@ def scan(ctx: click.Context, folder: Path, output: Path | None, allow_pickle: bo
 def similarity(
     ctx: click.Context,
     folder: Path,
-    output: Path,
-    heatmap: Path | None,
+    output: Path | None,
+    matrix_format: str,
     top: int,
+    overwrite: bool,
     allow_pickle: bool,
     backend: str,
     ray_address: str | None,
@@ -204,22 +204,38 @@ def similarity(
 
     Computed on the low-rank factors (no full-size update is built). Near 1: near-duplicates; strongly negative:
     the pair pulls the same weights in opposite directions and interferes when merged; near 0: independent.
+
+    \b
+    Example:
+      adaptermerge library similarity loras/ -o loras-similarity/
     """
     from ..library import adapter_similarity
 
-    if output.suffix not in (".json", ".csv"):
-        raise click.BadParameter("the matrix is written as .csv or .json", param_hint="--output")
+    matrix_path = heatmap_path = None
+    if output is not None:
+        if output.suffix in (".csv", ".json"):  # the spelling before -o named a folder
+            click.echo(
+                f"Note: -o FILE{output.suffix} is deprecated and will be removed in the next release; "
+                f"-o names a folder (with --format {output.suffix[1:]}).",
+                err=True,
+            )
+            matrix_path, heatmap_path = output, output.with_suffix(".png")
+        else:
+            matrix_path, heatmap_path = output / f"similarity.{matrix_format}", output / "similarity.png"
+        existing = [str(p) for p in (matrix_path, heatmap_path) if p.exists()]
+        if existing and not overwrite:
+            raise FileExistsError(f"{existing[0]} exists; pass --overwrite to replace it")
     result = adapter_similarity(
         folder,
         allow_pickle=allow_pickle,
         backend=backend,
         workers=workers,
         ray_address=ray_address,
-        progressbar=not _quiet(ctx),
+        progressbar=not is_quiet(ctx),
     )
-    console = Console(quiet=_quiet(ctx))
+    out = console(ctx)
     for path, reason in result.unreadable:
-        console.print(f"[red]skipped[/] {path}: {reason}", markup=True, highlight=False)
+        out.print(f"[red]skipped[/] {path}: {reason}", markup=True, highlight=False)
     if len(result.names) < 2:
         raise click.UsageError(f"{folder}: need at least two readable adapters; found {len(result.names)}")
     for most in ("similar", "interfering"):
@@ -227,10 +243,15 @@ def similarity(
         table = Table("adapter", "adapter", "cosine", title=f"most {most} pairs")
         for a, b, value in pairs:
             table.add_row(a, b, f"{value:+.4f}")
-        console.print(table if pairs else f"no {most} pairs" + (" (no negative cosine)" if most != "similar" else ""))
-    written = result.write(output)
-    picture = result.heatmap(heatmap or output.with_suffix(".png"))
-    console.print(f"Wrote {written} and {picture}")
+        out.print(table if pairs else f"no {most} pairs" + (" (no negative cosine)" if most != "similar" else ""))
+    if matrix_path is None:
+        out.print("Add -o FOLDER to save the matrix and a heatmap.")
+        return
+    matrix_path.parent.mkdir(parents=True, exist_ok=True)
+    with spinner(f"writing {heatmap_path}"):
+        written = result.write(matrix_path)
+        picture = result.heatmap(heatmap_path)
+    out.print(f"Wrote {written} and {picture}")
 
 
 COMMANDS = [run, library]

@@ -7,6 +7,8 @@ from pathlib import Path
 import click
 from rich.console import Console
 
+from ._options import renamed_option
+
 DEMO_METHODS = ("linear", "ties", "tsv", "iso_c", "rmm")
 DEMO_PEFT_TYPES = ("linear", "svd")
 
@@ -48,7 +50,9 @@ def bench() -> None:
 @click.option("--suite", "suite_name", type=click.Choice(["digits", "text", "all"]), default="digits", help="Suite.")
 @click.option("--methods", default=None, help="Comma-separated registered methods; every registered one by default.")
 @click.option("--peft-types", default="cat,linear,ties,svd,ties_svd", help="peft combination types ('' for none).")
-@click.option("--out", type=click.Path(path_type=Path), default=Path("bench-quality"), help="Folder for JSON/PNG.")
+@click.option(
+    "-o", "--output", type=click.Path(path_type=Path), default=Path("bench-quality"), help="Folder for JSON/PNG."
+)
 @click.option(
     "--seed",
     type=int,
@@ -57,14 +61,15 @@ def bench() -> None:
     "to see which differences between methods hold up.",
 )
 @_cache_option
+@renamed_option("--out", "-o/--output", "output", type=click.Path(path_type=Path))
 def quality(
-    suite_name: str, methods: str | None, peft_types: str, out: Path, seed: int, cache_dir: Path | None
+    suite_name: str, methods: str | None, peft_types: str, output: Path, seed: int, cache_dir: Path | None
 ) -> None:
     """Merge each suite's task LoRAs with every method and peft's types; print and save the quality table.
 
     Weights are one uniform weight per adapter, chosen on a validation split from one grid shared by every method
     (peft's included), jointly with the density of sparsifying methods (ours and peft's ties/dare types); peft's SVD
-    types keep the same output rank as ours. Writes OUT/quality-<suite>.json and OUT/quality-<suite>.png.
+    types keep the same output rank as ours. Writes OUTPUT/quality-<suite>.json and OUTPUT/quality-<suite>.png.
     """
     from ..quality.bench import run_quality_bench
     from ..quality.report import print_table, write_json, write_png
@@ -80,14 +85,17 @@ def quality(
         )
         print_table(results, console)
         name = suite.config.name
-        json_path = write_json(results, out / f"quality-{name}.json")
-        console.print(f"Wrote {json_path} and {write_png(results, out / f'quality-{name}.png')}")
+        json_path = write_json(results, output / f"quality-{name}.json")
+        console.print(f"Wrote {json_path} and {write_png(results, output / f'quality-{name}.png')}")
 
 
 @click.command()
-@click.option("--out", type=click.Path(path_type=Path), default=Path("adaptermerge-demo"), help="Output folder.")
+@click.option(
+    "-o", "--output", type=click.Path(path_type=Path), default=Path("adaptermerge-demo"), help="Output folder."
+)
 @_cache_option
-def demo(out: Path, cache_dir: Path | None) -> None:
+@renamed_option("--out", "-o/--output", "output", type=click.Path(path_type=Path))
+def demo(output: Path, cache_dir: Path | None) -> None:
     """Train small LoRAs on scikit-learn's digits (cached), merge them with a few methods, show what each keeps."""
     from ..io import save_adapter
     from ..merge import merge_adapters
@@ -106,9 +114,9 @@ def demo(out: Path, cache_dir: Path | None) -> None:
     for row in results["rows"]:
         if row.kind == "adaptermerge" and row.weight is not None:
             merged = merge_adapters(paths, [row.weight] * len(paths), row.name, adapter_name=row.name, **row.params)
-            written.append(save_adapter(merged, out / row.name, format="peft", overwrite=True))
-    write_json(results, out / "quality.json")
-    write_png(results, out / "quality.png")
+            written.append(save_adapter(merged, output / row.name, format="peft", overwrite=True))
+    write_json(results, output / "quality.json")
+    write_png(results, output / "quality.png")
     tasks = ", ".join(f"{t} ({suite.descriptions[t]})" for t in suite.tasks)
     console.print(
         f"""
@@ -126,7 +134,7 @@ elements as tasks.
 
 Merged adapters (PEFT folders, loadable with PeftModel.from_pretrained) were written to:
   {chr(10).join("  " + str(p) for p in written).strip()}
-Table as JSON and PNG: {out / "quality.json"}, {out / "quality.png"}. Task LoRAs cached in {suite.folder}.
+Table as JSON and PNG: {output / "quality.json"}, {output / "quality.png"}. Task LoRAs cached in {suite.folder}.
 Next: `adaptermerge merge {paths[0]} {paths[1]} -m ties -o my-merge/` merges any LoRAs the same way."""
     )
 

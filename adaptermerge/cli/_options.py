@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from collections import Counter
 from collections.abc import Callable
@@ -14,6 +15,7 @@ from ..errors import InvalidParameterError
 from ._catalog import load_catalog
 
 DTYPES = ("float32", "float16", "bfloat16", "float64")
+FORMATS = ("peft", "kohya", "diffusers")
 
 
 def torch_dtype(name: str | None) -> Any:
@@ -59,6 +61,29 @@ def method_options(command: Callable) -> Callable:
     return command
 
 
+def renamed_option(old: str, new: str, name: str, **option_kwargs: Any) -> Callable[[Callable], Callable]:
+    """Keep the old spelling `old` of option `new` (parameter `name`) working for one release, with a note.
+
+    The old option is hidden from `--help`; when given, its value is used unless `new` was given too.
+    """
+    hidden_name = f"{name}_before_rename"
+
+    def decorate(command: Callable) -> Callable:
+        @functools.wraps(command)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            old_value = kwargs.pop(hidden_name)
+            if old_value is not None and old_value is not False:
+                click.echo(f"Note: {old} is deprecated and will be removed in the next release; use {new}.", err=True)
+                ctx = click.get_current_context()
+                if ctx.get_parameter_source(name) is not click.core.ParameterSource.COMMANDLINE:
+                    kwargs[name] = old_value
+            return command(*args, **kwargs)
+
+        return click.option(old, hidden_name, hidden=True, default=None, **option_kwargs)(wrapper)
+
+    return decorate
+
+
 def pop_method_params(kwargs: dict[str, Any]) -> dict[str, Any]:
     """Remove the method options from `kwargs` and return those that were given."""
     return {name: value for name in method_option_specs() if (value := kwargs.pop(name, None)) is not None}
@@ -87,7 +112,7 @@ def parse_weights(text: str | None) -> list[Any] | None:
 format_option = click.option(
     "--format",
     "output_format",
-    type=click.Choice(["peft", "kohya", "diffusers"]),
+    type=click.Choice(FORMATS),
     default=None,
     help="Output format; the first input's format by default.",
 )
