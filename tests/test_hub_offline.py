@@ -63,7 +63,10 @@ def test_adapters_load_and_merge_by_hub_id(publish, tmp_path):
 
 
 def test_a_hub_id_missing_from_the_offline_cache_is_a_clear_error(publish):
-    with pytest.raises(AdapterFormatError, match="acme/not-there: not a local path, and the hub could not provide"):
+    with pytest.raises(
+        AdapterFormatError,
+        match="acme/not-there: no such file or folder, and no hub repository of that name could be reached",
+    ):
         load_adapter("acme/not-there")
     result = CliRunner().invoke(main, ["merge", "acme/not-there", "-o", "unused"])
     assert result.exit_code == 2 and "acme/not-there" in result.output

@@ -11,7 +11,7 @@ import sys
 
 import click
 
-from ..errors import AdapterMergeError
+from ..errors import AdapterMergeError, OutputExistsError
 from . import _adapters, _batch, _bench, _rmm, _ui
 
 __all__ = ["main"]
@@ -26,6 +26,8 @@ class _Group(click.Group):
         except (AdapterMergeError, FileExistsError) as err:
             if ctx.obj and ctx.obj.get("verbose", 0) >= 2:
                 raise
+            if isinstance(err, OutputExistsError) and err.path is not None:
+                err = f"{err.path} exists; choose another output path or pass --overwrite"
             click.echo(f"Error: {err}", err=True)
             sys.exit(2)
 

@@ -66,10 +66,12 @@ def merge(ctx: click.Context, adapters: tuple[str, ...], output: Path, method: s
       adaptermerge merge a.safetensors b.safetensors -m ties --density 0.3 -o ab.safetensors
     """
     from ..io import save_adapter
+    from ..io._write import check_writable
     from ..merge import load_adapters, merge_adapters
     from ..training.orthogonal import check_disjoint
 
     params = pop_method_params(kwargs)
+    check_writable(output, kwargs["overwrite"])  # before any work, not after the merge
     start = time.perf_counter()
     loaded = load_adapters(list(adapters), allow_pickle=kwargs["allow_pickle"])
     check_disjoint(loaded)  # warns when orthogonal-adaptation concepts were given overlapping basis blocks

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..batch import BACKENDS, JobResult
+from ..errors import IncompatibleAdaptersError
 from ._console import console, is_quiet, spinner
 from ._options import allow_pickle_option, overwrite_option, renamed_option
 
@@ -237,7 +238,7 @@ def similarity(
     for path, reason in result.unreadable:
         out.print(f"[red]skipped[/] {path}: {reason}", markup=True, highlight=False)
     if len(result.names) < 2:
-        raise click.UsageError(f"{folder}: need at least two readable adapters; found {len(result.names)}")
+        raise IncompatibleAdaptersError(f"{folder}: need at least two readable adapters; found {len(result.names)}")
     for most in ("similar", "interfering"):
         pairs = result.pairs(most=most, top=top)
         table = Table("adapter", "adapter", "cosine", title=f"most {most} pairs")

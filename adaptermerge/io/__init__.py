@@ -33,7 +33,10 @@ def resolve_path(path_or_id: str | Path, *, allow_pickle: bool = False) -> Path:
     try:
         return Path(snapshot_download(str(path_or_id), allow_patterns=patterns))
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as err:
-        raise AdapterFormatError(f"{path_or_id}: not a local path, and the hub could not provide it ({err})") from None
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise AdapterFormatError(
+            f"{path_or_id}: no such file or folder, and no hub repository of that name could be reached ({reason})"
+        ) from None
 
 
 def load_adapter(

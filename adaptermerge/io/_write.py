@@ -21,7 +21,7 @@ from ..lowrank import LowRank
 def check_writable(path: Path, overwrite: bool) -> None:
     """Raise :class:`OutputExistsError` if `path` exists and `overwrite` is false."""
     if path.exists() and not overwrite:
-        raise OutputExistsError(f"{path} exists; choose another output path or pass overwrite=True (--overwrite)")
+        raise OutputExistsError(f"{path} exists; choose another output path or pass overwrite=True", path=path)
 
 
 @contextlib.contextmanager
