@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import json
+import dataclasses
+import textwrap
 import time
 from pathlib import Path
 from typing import Any
 
 import click
-from rich.console import Console
-from rich.table import Table
 
 from ._catalog import load_catalog
-from ._console import is_quiet, spinner
+from ._console import console, is_quiet, print_json, shared_prefix, spinner, table
 from ._options import (
     FORMATS,
     allow_pickle_option,
@@ -87,18 +86,18 @@ def merge(ctx: click.Context, adapters: tuple[str, ...], output: Path, method: s
         **params,
     )
     with spinner(f"writing {output}"):
-        if hasattr(
-            merged, "save"
-        ):  # a method that returns something other than an adapter (rmm's bundle) saves itself
-            return click.echo(f"Wrote {merged!r} to {merged.save(output, overwrite=kwargs['overwrite'])}")
-        path = save_adapter(merged, output, format=kwargs["output_format"], overwrite=kwargs["overwrite"])
-    if not is_quiet(ctx):
+        if hasattr(merged, "save"):  # a method whose result is not an adapter (rmm's bundle) saves itself
+            path = merged.save(output, overwrite=kwargs["overwrite"])
+        else:
+            path = save_adapter(merged, output, format=kwargs["output_format"], overwrite=kwargs["overwrite"])
+    seconds = f"{time.perf_counter() - start:.2f} s"
+    if hasattr(merged, "save"):
+        summary = f"{merged!r}, {seconds}"
+    else:
         ranks = sorted({lr.rank for lr in merged.values()})
-        click.echo(
-            f"Merged {len(adapters)} adapters with {method!r} into {path} "
-            f"({len(merged)} modules, rank {ranks[0] if len(ranks) == 1 else f'{ranks[0]}-{ranks[-1]}'}, "
-            f"{time.perf_counter() - start:.2f} s)"
-        )
+        rank = ranks[0] if len(ranks) == 1 else f"{ranks[0]}-{ranks[-1]}"
+        summary = f"{len(merged)} modules, rank {rank}, {seconds}"
+    console(ctx).print(f"Merged {len(adapters)} adapters with {method!r} into {path} ({summary})", highlight=False)
 
 
 def describe(path: str, *, allow_pickle: bool = False) -> dict[str, Any]:
@@ -150,26 +149,32 @@ def inspect(path: str, as_json: bool, allow_pickle: bool) -> None:
         return show_bundle(path, as_json=as_json)
     info = describe(path, allow_pickle=allow_pickle)
     if as_json:
-        click.echo(json.dumps(info, indent=2))
-        return
-    console = Console()
-    console.print(
+        return print_json(info)
+    out = console(report=True)
+    out.print(
         f"[bold]{info['path']}[/bold]  format={info['format']}  base_model={info['base_model'] or '?'}  "
-        f"dtype={info['dtype']}  modules={info['modules']}  parameters={info['parameters']:,}  ranks={info['ranks']}"
+        f"dtype={info['dtype']}  modules={info['modules']}  parameters={info['parameters']:,}  ranks={info['ranks']}",
+        highlight=False,
     )
-    table = Table("module", "shape", "rank", "scale", "alpha≡scale·r", "‖ΔW‖", "DoRA")
-    table.columns[0].no_wrap = True
+    modules = [m["module"] for m in info["per_module"]]
+    prefix = shared_prefix(modules)
+    if prefix:
+        out.print(f"Every module name starts with [bold]{prefix}[/bold], left out below.", highlight=False)
+    dora = any(m["dora"] for m in info["per_module"])
+    columns = ["module", "shape", "rank", "scale", "alpha", "‖ΔW‖"] + (["DoRA"] if dora else [])
+    rows = table(*columns, fold=["module"], right=["rank", "scale", "alpha", "‖ΔW‖"])
     for m in info["per_module"]:
-        table.add_row(
-            m["module"],
+        rows.add_row(
+            m["module"].removeprefix(prefix),
             "×".join(map(str, m["shape"])),
             str(m["rank"]),
             f"{m['scale']:.4g}",
             f"{m['scale'] * m['rank']:.4g}",
             f"{m['norm']:.4g}",
-            "yes" if m["dora"] else "",
+            *(["yes" if m["dora"] else ""] if dora else []),
         )
-    console.print(table)
+    out.print(rows)
+    out.print("alpha = scale × rank; ‖ΔW‖ = Frobenius norm of the update scale·B·A.", style="dim")
 
 
 @click.command()
@@ -200,14 +205,22 @@ def convert(
 
 
 @click.command()
-def methods() -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for machines instead of a table.")
+def methods(as_json: bool) -> None:
     """List the merge methods with their parameters and papers."""
-    table = Table("method", "what it does", "parameters", "paper")
-    for method in load_catalog():
-        table.add_row(
-            method.name, method.summary, ", ".join(p.name for p in method.params) or "-", method.reference_url
-        )
-    Console().print(table)
+    catalog = load_catalog()
+    if as_json:
+        return print_json([dataclasses.asdict(m) for m in catalog])
+    out = console(report=True)
+    for method in catalog:  # one block per method, so the paper's link is never cut, however narrow the terminal
+        params = ", ".join(p.name for p in method.params) or "-"
+        paper = f"  paper: {method.reference_url}"
+        if len(paper) > out.width:
+            paper = f"  paper:\n{method.reference_url}"
+        out.print(f"[bold]{method.name}[/bold] · {method.pretty_name}", highlight=False)
+        for text in (method.summary, f"parameters: {params}"):
+            out.print(textwrap.fill(text, out.width, initial_indent="  ", subsequent_indent="  "), highlight=False)
+        out.print(paper, highlight=False, overflow="ignore", crop=False)
 
 
 COMMANDS = [merge, inspect, convert, methods]

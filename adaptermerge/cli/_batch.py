@@ -6,6 +6,7 @@ invalid recipe or other bad input.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -15,8 +16,8 @@ from rich.table import Table
 
 from ..batch import BACKENDS, JobResult
 from ..errors import IncompatibleAdaptersError
-from ._console import console, is_quiet, spinner
-from ._options import allow_pickle_option, overwrite_option, renamed_option
+from ._console import console, is_quiet, print_json, spinner, table
+from ._options import allow_pickle_option, json_option, overwrite_option, renamed_option
 
 backend_option = click.option(
     "--backend",
@@ -46,11 +47,23 @@ def _shown(path: str | Path, folder: Path) -> str:
 
 def _summary(results: list[JobResult], folder: Path) -> Table:
     styles = {"done": "green", "skipped": "yellow", "failed": "red"}
-    table = Table("merge", "status", "output", "time", "details", title="summary")
+    rows = table("merge", "status", "output", "time", "details", fold=["merge", "output", "details"], title="summary")
     for r in results:
         seconds = f"{r.seconds:.2f} s" if r.status != "skipped" else ""
-        table.add_row(r.name, f"[{styles[r.status]}]{r.status}[/]", _shown(r.output, folder), seconds, r.message)
-    return table
+        rows.add_row(r.name, f"[{styles[r.status]}]{r.status}[/]", _shown(r.output, folder), seconds, r.message)
+    return rows
+
+
+def _print_plan(jobs: list, folder: Path, overwrite: bool, out: Console) -> None:
+    """`run --dry-run`: one block per merge (its adapters with their weights, one per line), whole paths."""
+    for job in jobs:
+        status = "exists: skip" if job.output.exists() and not overwrite else "would run"
+        rank = f" · rank {job.rank}" if job.rank else ""
+        params = "".join(f" · {k}={v}" for k, v in job.params.items())
+        out.print(f"[bold]{job.name}[/bold] · {job.method}{params}{rank} · {status}", highlight=False)
+        for adapter, weight in zip(job.adapters, job.weights):
+            out.print(f"  {weight} × {_shown(adapter, folder)}", highlight=False, overflow="fold")
+        out.print(f"  → {_shown(job.output, folder)}", highlight=False, overflow="fold")
 
 
 @click.command()
@@ -67,6 +80,7 @@ def _summary(results: list[JobResult], folder: Path) -> Table:
 @backend_option
 @ray_address_option
 @workers_option
+@json_option
 @renamed_option("--force", "--overwrite", "overwrite", is_flag=True)
 @click.pass_context
 def run(
@@ -74,6 +88,7 @@ def run(
     recipe: Path,
     dry_run: bool,
     overwrite: bool,
+    as_json: bool,
     allow_roots: tuple[Path, ...],
     backend: str,
     ray_address: str | None,
@@ -94,29 +109,28 @@ def run(
     from ..recipes import load_recipe
 
     loaded = load_recipe(recipe, allowed_roots=allow_roots)
-    console = Console(stderr=False, quiet=is_quiet(ctx))
+    out = console(ctx)
+    if dry_run and as_json:
+        return print_json([{**dataclasses.asdict(job), "exists": job.output.exists()} for job in loaded.jobs])
     if dry_run:
-        table = Table("merge", "method", "adapters", "weights", "output", "status", title=f"{recipe} (dry run)")
-        for job in loaded.jobs:
-            status = "exists: skip" if job.output.exists() and not overwrite else "would run"
-            weights = ", ".join(map(str, job.weights))
-            adapters = "\n".join(_shown(a, recipe.parent) for a in job.adapters)
-            table.add_row(job.name, job.method, adapters, weights, _shown(job.output, recipe.parent), status)
-        console.print(table)
-        return
+        out.print(f"{recipe} (dry run): {len(loaded.jobs)} merges", highlight=False)
+        return _print_plan(loaded.jobs, recipe.parent, overwrite, out)
     results = run_jobs(
         loaded.jobs,
         force=overwrite,
         backend=backend,
         workers=workers,
         ray_address=ray_address,
-        progressbar=not is_quiet(ctx),
+        progressbar=not is_quiet(ctx) and not as_json,
     )
-    console.print(_summary(results, recipe.parent))
     counts = {s: sum(r.status == s for r in results) for s in ("done", "skipped", "failed")}
-    console.print(", ".join(f"{n} {s}" for s, n in counts.items()))
-    if counts["skipped"]:
-        console.print("Skipped merges' outputs exist already; --overwrite redoes them.")
+    if as_json:
+        print_json([dataclasses.asdict(r) for r in results])
+    else:
+        out.print(_summary(results, recipe.parent))
+        out.print(", ".join(f"{n} {s}" for s, n in counts.items()))
+        if counts["skipped"]:
+            out.print("Skipped merges' outputs exist already; --overwrite redoes them.")
     if counts["failed"]:
         for r in results:
             if r.status == "failed":
@@ -139,8 +153,9 @@ def library() -> None:
     help="Write the index (.json or .csv).",
 )
 @allow_pickle_option
+@json_option
 @click.pass_context
-def scan(ctx: click.Context, folder: Path, output: Path | None, allow_pickle: bool) -> None:
+def scan(ctx: click.Context, folder: Path, output: Path | None, allow_pickle: bool, as_json: bool) -> None:
     """Index the adapters in FOLDER (any format, searched recursively): base model, ranks, modules, size.
 
     Only file headers are read. Files that cannot be read are listed with the reason.
@@ -150,17 +165,23 @@ def scan(ctx: click.Context, folder: Path, output: Path | None, allow_pickle: bo
     if output is not None and output.suffix not in (".json", ".csv"):
         raise click.BadParameter("the index is written as .json or .csv", param_hint="--output")
     index = scan_library(folder, allow_pickle=allow_pickle)
-    console = Console(quiet=is_quiet(ctx))
-    table = Table("adapter", "format", "base model", "modules", "ranks", "size", title=str(folder))
+    written = index.write(output) if output is not None else None
+    if as_json:
+        entries = [dataclasses.asdict(e) for e in index.entries]
+        unreadable = [{"path": p, "reason": r} for p, r in index.unreadable]
+        return print_json({"folder": str(folder), "adapters": entries, "unreadable": unreadable})
+    out = console(ctx)
+    rows = table("adapter", "format", "base model", "modules", "ranks", "MiB", fold=["adapter", "base model", "ranks"])
     for e in index.entries:
         ranks = " ".join(map(str, e.ranks))
-        table.add_row(e.path, e.format, e.base_model or "?", str(e.modules), ranks, f"{e.size_bytes / 2**20:.1f} MiB")
-    console.print(table)
+        rows.add_row(e.path, e.format, e.base_model or "?", str(e.modules), ranks, f"{e.size_bytes / 2**20:.1f}")
+    out.print(f"{folder}:", highlight=False)
+    out.print(rows)
     for path, reason in index.unreadable:
-        console.print(f"[red]unreadable[/] {path}: {reason}", markup=True, highlight=False)
-    console.print(f"{len(index.entries)} adapters, {len(index.unreadable)} unreadable")
-    if output is not None:
-        console.print(f"Wrote {index.write(output)}")
+        out.print(f"[red]unreadable[/] {path}: {reason}", markup=True, highlight=False)
+    out.print(f"{len(index.entries)} adapters, {len(index.unreadable)} unreadable")
+    if written is not None:
+        out.print(f"Wrote {written}")
 
 
 @library.command()
@@ -188,6 +209,7 @@ def scan(ctx: click.Context, folder: Path, output: Path | None, allow_pickle: bo
 @backend_option
 @ray_address_option
 @workers_option
+@json_option
 @click.pass_context
 def similarity(
     ctx: click.Context,
@@ -196,6 +218,7 @@ def similarity(
     matrix_format: str,
     top: int,
     overwrite: bool,
+    as_json: bool,
     allow_pickle: bool,
     backend: str,
     ray_address: str | None,
@@ -232,27 +255,31 @@ def similarity(
         backend=backend,
         workers=workers,
         ray_address=ray_address,
-        progressbar=not is_quiet(ctx),
+        progressbar=not is_quiet(ctx) and not as_json,
     )
+    if len(result.names) < 2:
+        raise IncompatibleAdaptersError(f"{folder}: need at least two readable adapters; found {len(result.names)}")
+    pairs = {most: result.pairs(most=most, top=top) for most in ("similar", "interfering")}
+    if matrix_path is not None:
+        matrix_path.parent.mkdir(parents=True, exist_ok=True)
+        with spinner(f"writing {heatmap_path}"):
+            written = [result.write(matrix_path), result.heatmap(heatmap_path)]
+    if as_json:
+        unreadable = [{"path": p, "reason": r} for p, r in result.unreadable]
+        most = {f"most_{k}": [{"a": a, "b": b, "cosine": c} for a, b, c in v] for k, v in pairs.items()}
+        return print_json({"adapters": list(result.names), **most, "unreadable": unreadable})
     out = console(ctx)
     for path, reason in result.unreadable:
         out.print(f"[red]skipped[/] {path}: {reason}", markup=True, highlight=False)
-    if len(result.names) < 2:
-        raise IncompatibleAdaptersError(f"{folder}: need at least two readable adapters; found {len(result.names)}")
-    for most in ("similar", "interfering"):
-        pairs = result.pairs(most=most, top=top)
-        table = Table("adapter", "adapter", "cosine", title=f"most {most} pairs")
-        for a, b, value in pairs:
-            table.add_row(a, b, f"{value:+.4f}")
-        out.print(table if pairs else f"no {most} pairs" + (" (no negative cosine)" if most != "similar" else ""))
+    for most, found in pairs.items():
+        rows = table("adapter", "adapter", "cosine", fold=["adapter"], right=["cosine"], title=f"most {most} pairs")
+        for a, b, value in found:
+            rows.add_row(a, b, f"{value:+.4f}")
+        out.print(rows if found else f"no {most} pairs" + (" (no negative cosine)" if most != "similar" else ""))
     if matrix_path is None:
         out.print("Add -o FOLDER to save the matrix and a heatmap.")
-        return
-    matrix_path.parent.mkdir(parents=True, exist_ok=True)
-    with spinner(f"writing {heatmap_path}"):
-        written = result.write(matrix_path)
-        picture = result.heatmap(heatmap_path)
-    out.print(f"Wrote {written} and {picture}")
+    else:
+        out.print(f"Wrote {written[0]} and {written[1]}")
 
 
 COMMANDS = [run, library]

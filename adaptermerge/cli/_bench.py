@@ -7,7 +7,8 @@ from pathlib import Path
 import click
 from rich.console import Console
 
-from ._options import renamed_option
+from ._console import print_json
+from ._options import json_option, renamed_option
 
 DEMO_METHODS = ("linear", "ties", "tsv", "iso_c", "rmm")
 DEMO_PEFT_TYPES = ("linear", "svd")
@@ -61,9 +62,16 @@ def bench() -> None:
     "to see which differences between methods hold up.",
 )
 @_cache_option
+@json_option
 @renamed_option("--out", "-o/--output", "output", type=click.Path(path_type=Path))
 def quality(
-    suite_name: str, methods: str | None, peft_types: str, output: Path, seed: int, cache_dir: Path | None
+    suite_name: str,
+    methods: str | None,
+    peft_types: str,
+    output: Path,
+    seed: int,
+    cache_dir: Path | None,
+    as_json: bool,
 ) -> None:
     """Merge each suite's task LoRAs with every method and peft's types; print and save the quality table.
 
@@ -72,10 +80,11 @@ def quality(
     types keep the same output rank as ours. Writes OUTPUT/quality-<suite>.json and OUTPUT/quality-<suite>.png.
     """
     from ..quality.bench import run_quality_bench
-    from ..quality.report import print_table, write_json, write_png
+    from ..quality.report import print_table, to_json, write_json, write_png
 
-    console = Console()
+    console = Console(stderr=as_json)  # with --json, stdout holds only the JSON
     names = ["digits", "text"] if suite_name == "all" else [suite_name]
+    payloads = []
     for suite in _load_suites(names, cache_dir, console, seed):
         results = run_quality_bench(
             suite,
@@ -83,10 +92,15 @@ def quality(
             peft_types=[t for t in peft_types.split(",") if t],
             progress=lambda line: console.print(f"[dim]{line}[/dim]"),
         )
-        print_table(results, console)
+        if as_json:
+            payloads.append(to_json(results))
+        else:
+            print_table(results, console)
         name = suite.config.name
         json_path = write_json(results, output / f"quality-{name}.json")
         console.print(f"Wrote {json_path} and {write_png(results, output / f'quality-{name}.png')}")
+    if as_json:
+        print_json(payloads)
 
 
 @click.command()

@@ -126,3 +126,4 @@ overwrite_option = click.option("--overwrite", is_flag=True, help="Replace OUTPU
 allow_pickle_option = click.option(
     "--allow-pickle", is_flag=True, help="Read .bin/.pt/.ckpt pickle checkpoints (only for files you trust)."
 )
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for machines instead of tables.")
