@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -117,3 +118,13 @@ def test_bench_quality_cli_trains_the_suite_of_the_seed_it_is_given(small_suite,
     assert [c.seed for c in asked] == [3]
     assert asked[0].key() != digits_config().key()  # another seed is another cached suite
     assert (tmp_path / "quality-digits.json").is_file()
+
+
+def test_quality_png_keeps_its_title_and_axis_labels_inside_the_picture(small_suite, tmp_path):
+    from PIL import Image
+
+    suite, _, _ = small_suite
+    results = run_quality_bench(suite, methods=["linear"], peft_types=[], grid=(0.5,))
+    pixels = np.asarray(Image.open(write_png(results, tmp_path / "q.png")).convert("L"))
+    ink = pixels < 250
+    assert not (ink[0].any() or ink[-1].any() or ink[:, 0].any() or ink[:, -1].any()), "something touches the edge"

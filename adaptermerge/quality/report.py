@@ -107,11 +107,13 @@ def write_png(results: dict[str, Any], path: str | Path) -> Path:
     axis.bar(range(len(rows)), [r.mean_normalised for r in rows], color=[colours[r.kind] for r in rows])
     axis.axhline(rows[0].mean_normalised, color="black", linestyle=":", linewidth=1, label="base (weight 0)")
     axis.set_xticks(range(len(rows)), [r.name for r in rows], rotation=60, ha="right", fontsize=8)
-    axis.set_ylabel("avg normalised accuracy (merged / own adapter)")
+    axis.set_ylabel("avg normalised accuracy\n(merged / own adapter)")
     axis.set_ylim(0, 1.05)
-    axis.set_title(f"{results['suite']}: blue adaptermerge, orange peft, green RMM recovery, grey references")
+    axis.set_title(
+        f"{results['suite']} suite\nblue adaptermerge, orange peft, green RMM recovery, grey references", fontsize=10
+    )
     axis.legend(loc="lower right", fontsize=8)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    figure.savefig(path, dpi=120, bbox_inches="tight")  # nothing cut: the title and labels set the bounds
     plt.close(figure)
     return path
