@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from .adapter import Adapter, AdapterMetadata
     from .errors import AdapterMergeError, AdapterMergeWarning
-    from .integrations import load_merged_adapters, patch, set_merge_weights
+    from .integrations import load_merged_adapters, merge_schedule_callback, patch, set_merge_weights
     from .io import load_adapter, save_adapter
     from .lowrank import LowRank
     from .merge import merge_adapters
@@ -29,6 +29,7 @@ __all__ = [
     "load_adapter",
     "load_merged_adapters",
     "merge_adapters",
+    "merge_schedule_callback",
     "patch",
     "save_adapter",
     "set_merge_weights",
@@ -46,6 +47,7 @@ _HOMES = {
     "save_adapter": "io",
     "merge_adapters": "merge",
     "load_merged_adapters": "integrations",
+    "merge_schedule_callback": "integrations",
     "patch": "integrations",
     "set_merge_weights": "integrations",
 }

@@ -18,7 +18,8 @@ from .lowrank import LowRank
 
 __all__ = ["Adapter", "AdapterMetadata", "check_compatible", "module_union"]
 
-DIFFUSION_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "prior")
+_TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+DIFFUSION_COMPONENTS = ("unet", "transformer", *_TEXT_ENCODERS, "prior")
 
 
 @dataclass(frozen=True)
@@ -99,9 +100,13 @@ def module_union(adapters: Sequence[Adapter]) -> list[str]:
 def check_compatible(adapters: Sequence[Adapter], modules: Sequence[str] | None = None) -> None:
     """Raise :class:`IncompatibleAdaptersError` if the adapters cannot be merged.
 
-    They must agree on the shape of every module they share, and name the same base model when they name one.
-    Shapes are read from each file's header, so checking a lazy adapter reads no tensor data.
+    They must agree on the shape of every module they share, name the same base model when they name one, and be
+    of one model: two adapters that share no module must at least share a module root (`model`, `unet`,
+    `transformer`, ...), as attention-only and MLP-only adapters of one model do (a pipeline adapter of text encoders
+    only goes with any pipeline adapter). Shapes are read from each file's
+    header, so checking a lazy adapter reads no tensor data.
     """
+    _check_same_model(adapters)
     bases = {a.metadata.base_model for a in adapters if a.metadata.base_model}
     if len(bases) > 1:
         named = ", ".join(f"{a.name}: {a.metadata.base_model}" for a in adapters if a.metadata.base_model)
@@ -119,6 +124,29 @@ def check_compatible(adapters: Sequence[Adapter], modules: Sequence[str] | None 
             raise IncompatibleAdaptersError(
                 f"module {module!r} has different shapes in different adapters ({described}); "
                 "they were trained on different base models or layers"
+            )
+
+
+def _related(roots: set[str], other: set[str]) -> bool:
+    """Whether two adapters' module roots allow one model: a shared root, or a text-encoder-only pipeline adapter."""
+    if roots & other:
+        return True
+    both_pipelines = roots | other <= set(DIFFUSION_COMPONENTS)
+    return both_pipelines and (roots <= set(_TEXT_ENCODERS) or other <= set(_TEXT_ENCODERS))
+
+
+def _check_same_model(adapters: Sequence[Adapter]) -> None:
+    """Refuse two adapters with no module and no module root in common (an LLM LoRA and a UNet LoRA, say)."""
+    roots = [{module.partition(".")[0] for module in adapter} for adapter in adapters]
+    for i, adapter in enumerate(adapters):
+        for j in range(i):
+            other = adapters[j]
+            if _related(roots[i], roots[j]) or not set(adapter).isdisjoint(other):
+                continue
+            raise IncompatibleAdaptersError(
+                f"adapters {other.name!r} and {adapter.name!r} have no module in common and adapt different models "
+                f"({other.name}: {next(iter(other))}, ...; {adapter.name}: {next(iter(adapter))}, ...); "
+                "merge adapters of one base model"
             )
 
 

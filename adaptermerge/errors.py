@@ -35,6 +35,10 @@ class InvalidParameterError(AdapterMergeError, ValueError):
     """A method parameter or weight is out of range, or an unknown parameter was passed."""
 
 
+class IncompatibleVersionsError(AdapterMergeError, ImportError):
+    """Installed host libraries refuse each other (e.g. a transformers that demands a newer peft)."""
+
+
 class OutputExistsError(AdapterMergeError, FileExistsError):
     """The output path exists and ``overwrite`` was not set.
 
@@ -46,6 +50,14 @@ class OutputExistsError(AdapterMergeError, FileExistsError):
     def __init__(self, message: str, path: object = None) -> None:
         super().__init__(message)
         self.path = path
+
+
+class OutputPathError(AdapterMergeError, ValueError):
+    """The output path is, contains or lies inside one of the inputs, or a folder stands where a file would go."""
+
+
+class WriteError(AdapterMergeError, OSError):
+    """An output could not be written: no space left on the device, no permission, a read-only file system."""
 
 
 class NotFittedError(AdapterMergeError, ValueError, AttributeError):

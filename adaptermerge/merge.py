@@ -12,6 +12,7 @@ import ctypes.util
 import dataclasses
 import functools
 import logging
+import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +24,7 @@ from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
 from .adapter import Adapter, AdapterMetadata, check_compatible, module_union
-from .errors import IncompatibleAdaptersError, InvalidParameterError
+from .errors import IncompatibleAdaptersError, InvalidParameterError, InvalidTensorError
 from .io import load_adapter
 from .io.base import BaseWeights
 from .lowrank import LowRank, truncate
@@ -88,6 +89,23 @@ def _check_dora(
         raise IncompatibleAdaptersError(f"{where}: a DoRA merge keeps rank Σ r_t; drop rank (--rank)")
 
 
+def _cast_finite(result: LowRank, dtype: torch.dtype, module: str) -> LowRank:
+    """`result` in the output dtype, refused when a value is NaN or Inf there, so no such file is ever written."""
+    cast = result.to(dtype)
+    try:
+        cast.check_finite()
+    except InvalidTensorError:
+        largest = max(float(factor.abs().max()) for factor in (result.A, result.B))
+        computed = str(result.dtype).removeprefix("torch.")
+        if math.isfinite(largest):
+            hint = "; write float32 or bfloat16 (--dtype)" if torch.float16 in (dtype, result.dtype) else ""
+            found = f"its largest value is {largest:.4g}, which {str(dtype).removeprefix('torch.')} cannot hold{hint}"
+        else:
+            found = f"it overflowed in {computed} (largest value {largest}); check the weights and the inputs' scales"
+        raise InvalidTensorError(f"merged module {module!r} is not finite: {found}") from None
+    return cast
+
+
 def merge_adapters(
     adapters: Sequence[AdapterLike],
     weights: Sequence[Weight] | None = None,
@@ -127,10 +145,13 @@ def merge_adapters(
 
     Raises:
         UnknownMethodError: for an unregistered method.
-        InvalidParameterError: for unknown or out-of-range parameters or weights.
+        InvalidParameterError: for unknown or out-of-range parameters, weights or rank.
+        InvalidTensorError: when a merged module holds NaN or Inf in the output dtype.
         IncompatibleAdaptersError: for adapters of different base models or module shapes, or DoRA adapters
             without `base`, with a method other than `linear`, or with `rank`.
     """
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise InvalidParameterError(f"rank must be a positive integer (the output rank per module); got {rank!r}")
     merge_method = get_method(method)
     takes_rank = "rank" in merge_method.param_names
     if takes_rank and rank is not None:
@@ -164,7 +185,7 @@ def merge_adapters(
             result = merge_method.fn(updates, [w for _, w in pairs], method_params)
         if rank is not None and not takes_rank and result.rank > rank:
             result = truncate(result, rank)
-        return result.to(out_dtype)
+        return _cast_finite(result, out_dtype, module)
 
     # Modules are independent: a few threads (one torch and one BLAS thread each) keep every core busy on the small
     # per-module decompositions, and each reads its own module only when it starts, so memory stays at a few modules.

@@ -25,6 +25,7 @@ print(f"torch imported: {'torch' in sys.modules}, exit code: {code}", file=sys.s
         ["--help"],
         ["merge", "--help"],
         ["methods"],
+        ["env"],
         ["merge"],  # missing arguments
         ["merge", "a", "b", "--density", "high", "-o", "x"],  # a bad option value
         ["convert", "--help"],
@@ -43,10 +44,11 @@ def test_help_methods_and_argument_errors_do_not_import_torch(argv):
 
 
 def test_method_catalog_matches_the_registry():
-    """The table the CLI reads without torch is the registry's; `python -m adaptermerge.cli._catalog` rewrites it."""
+    """The table the CLI reads without torch is the registry's; `write_catalog()` rewrites it."""
     fresh = build_catalog()
     stored = [
         {**vars(m), "params": [{**vars(p), "choices": list(p.choices) if p.choices else None} for p in m.params]}
         for m in load_catalog()
     ]
-    assert stored == fresh, "adaptermerge/cli/methods.json is stale: run `python -m adaptermerge.cli._catalog`"
+    rewrite = 'python -c "from adaptermerge.cli._catalog import write_catalog; write_catalog()"'
+    assert stored == fresh, f"adaptermerge/cli/methods.json is stale: run `{rewrite}`"

@@ -32,7 +32,7 @@ def demo_adapters():
 
 TASKS = [adapter.name for adapter in demo_adapters()]
 # density, att_ratio, fuse_weight, seed, rank, majority_sign_method, param_reweighting, output_reweighting
-PARAMS = [0.2, 0.2, 2.0, 0, None, "total", True, True]
+PARAMS = [0.2, 0.2, 2.0, 0, None, "total", True, True, 1.0, None, "input"]
 
 
 def free_port() -> int:

@@ -64,15 +64,17 @@ def merge(ctx: click.Context, adapters: tuple[str, ...], output: Path, method: s
       adaptermerge merge a/ b/ -w 0.7,0.3 --rank 16 -o ab/         weighted, truncated to rank 16
       adaptermerge merge a.safetensors b.safetensors -m ties --density 0.3 -o ab.safetensors
     """
-    from ..io import save_adapter
+    from ..io import check_not_input, save_adapter
     from ..io._write import check_writable
     from ..merge import load_adapters, merge_adapters
     from ..training.orthogonal import check_disjoint
 
     params = pop_method_params(kwargs)
-    check_writable(output, kwargs["overwrite"])  # before any work, not after the merge
+    check_writable(output, kwargs["overwrite"], directory=True)  # exists? before any work (the writer checks the rest)
     start = time.perf_counter()
     loaded = load_adapters(list(adapters), allow_pickle=kwargs["allow_pickle"])
+    sources = [a.metadata.source for a in loaded if a.metadata.source]
+    check_not_input(output, [*adapters, *sources, *([kwargs["base"]] if kwargs["base"] else [])])
     check_disjoint(loaded)  # warns when orthogonal-adaptation concepts were given overlapping basis blocks
     merged = merge_adapters(
         loaded,
@@ -194,11 +196,12 @@ def convert(
     Example:
       adaptermerge convert style.safetensors --format peft -o style_peft/
     """
-    from ..io import load_adapter, save_adapter
+    from ..io import check_not_input, load_adapter, save_adapter
 
     if output_format is None:
         raise click.UsageError("Missing option '--format' (one of: peft, kohya, diffusers).")
     adapter = load_adapter(path, allow_pickle=allow_pickle)
+    check_not_input(output, [path, *([adapter.metadata.source] if adapter.metadata.source else [])])
     with spinner(f"writing {output}"):
         written = save_adapter(adapter, output, format=output_format, overwrite=overwrite, dtype=torch_dtype(dtype))
     click.echo(f"Wrote {written} ({output_format}, {len(adapter)} modules)")

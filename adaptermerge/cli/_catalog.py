@@ -1,8 +1,9 @@
 """The merge methods' names, parameters and papers, readable without importing torch.
 
 `adaptermerge methods` prints this table and `merge` builds its method options from it, so `--help` and argument
-errors answer without loading the math. The table is generated from the method registry
-(`python -m adaptermerge.cli._catalog` rewrites it) and a test checks that the two agree.
+errors answer without loading the math. The table is generated from the method registry and a test checks that the
+two agree; after adding or changing a method, rewrite it with
+`python -c "from adaptermerge.cli._catalog import write_catalog; write_catalog()"`.
 """
 
 from __future__ import annotations
@@ -100,7 +101,3 @@ def load_catalog() -> tuple[MethodInfo, ...]:
         )
         for entry in json.loads(CATALOG_PATH.read_text(encoding="utf-8"))
     )
-
-
-if __name__ == "__main__":
-    print(f"Wrote {write_catalog()}")

@@ -97,7 +97,10 @@ def parse_weights(text: str | None) -> list[Any] | None:
     if path.suffix in (".json", ".yaml", ".yml") and path.is_file():
         import yaml
 
-        loaded = json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())
+        try:
+            loaded = json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())
+        except (ValueError, yaml.YAMLError) as err:  # ValueError: JSONDecodeError, UnicodeDecodeError
+            raise InvalidParameterError(f"{path}: the --weights file does not parse ({err})") from None
         if not isinstance(loaded, list):
             raise InvalidParameterError(f"{path}: --weights file must hold a list with one entry per adapter")
         return loaded

@@ -59,7 +59,7 @@ def recover(
     from ..io import save_adapter
     from ..io._write import check_writable
 
-    check_writable(output, overwrite)
+    check_writable(output, overwrite, directory=True)  # exists? before any work (the writer checks the rest)
     loaded = load_bundle(bundle)
     adapter = loaded.recover(task)
     with spinner(f"writing {output}", ctx):

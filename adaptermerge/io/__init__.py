@@ -13,30 +13,56 @@ import torch
 
 from ..adapter import Adapter
 from ..errors import AdapterFormatError
-from ._detect import _HUB_ID, FORMATS, detect_format, format_module
+from ._detect import FORMATS, detect_format, format_module, is_hub_id
+from ._write import check_not_input
 
-__all__ = ["FORMATS", "detect_format", "load_adapter", "resolve_path", "save_adapter"]
+__all__ = [
+    "FORMATS",
+    "HUB_PREFIX",
+    "check_not_input",
+    "detect_format",
+    "is_hub_id",
+    "load_adapter",
+    "resolve_path",
+    "save_adapter",
+]
+
+HUB_PREFIX = "hub:"
 
 
 def resolve_path(path_or_id: str | Path, *, allow_pickle: bool = False) -> Path:
     """A local path for `path_or_id`: the path itself when it exists, else a hub snapshot of the repository.
 
-    Only adapter files are downloaded (`*.safetensors`, `*.json`, and pickles when `allow_pickle`).
+    `hub:owner/name` is only ever resolved through huggingface_hub, never as a local path (recipes write hub entries
+    so). Only adapter files are downloaded (`*.safetensors`, `*.json`, and pickles when `allow_pickle`).
+
+    Raises:
+        AdapterFormatError: for a `hub:` entry that is not a repository id, or a repository the hub cannot provide.
     """
+    text = str(path_or_id)
+    if text.startswith(HUB_PREFIX):
+        repo_id = text.removeprefix(HUB_PREFIX)
+        if not is_hub_id(repo_id):
+            raise AdapterFormatError(f"{text}: not a hub repository id (owner/name)")
+        return _snapshot(repo_id, allow_pickle, f"{text}: the hub repository could not be reached")
     path = Path(path_or_id)
-    if path.exists() or not _HUB_ID.match(str(path_or_id)):
+    if path.exists() or not is_hub_id(text):
         return path
+    # a mistyped local path looks like a hub id: say first that the path does not exist
+    failure = f"{text}: no such file or folder, and no hub repository of that name could be reached"
+    return _snapshot(text, allow_pickle, failure)
+
+
+def _snapshot(repo_id: str, allow_pickle: bool, failure: str) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     patterns = ["*.safetensors", "*.json"] + (["*.bin", "*.pt", "*.ckpt"] if allow_pickle else [])
     try:
-        return Path(snapshot_download(str(path_or_id), allow_patterns=patterns))
-    except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as err:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as err:  # ValueError: an invalid id
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise AdapterFormatError(
-            f"{path_or_id}: no such file or folder, and no hub repository of that name could be reached ({reason})"
-        ) from None
+        raise AdapterFormatError(f"{failure} ({reason})") from None
 
 
 def load_adapter(
@@ -45,7 +71,8 @@ def load_adapter(
     """Read an adapter lazily from a local path or hub id.
 
     Args:
-        path (`str` or `Path`): a PEFT folder, a `.safetensors` LoRA file, or a hub id.
+        path (`str` or `Path`): a PEFT folder, a `.safetensors` LoRA file, or a hub id (`hub:owner/name` for one
+            that is never read as a local path).
         format (`str`, defaults to `"auto"`): `"peft"`, `"kohya"`, `"diffusers"`, or `"auto"` to detect.
         allow_pickle (`bool`, defaults to `False`): read `.bin`/`.pt`/`.ckpt` checkpoints (unpickling can run code).
         name (`str`, *optional*): the adapter's name in tables and errors; the file or folder stem by default.

@@ -12,7 +12,12 @@ from ._source import PICKLE_SUFFIXES, open_source
 
 # Order matters: a PEFT folder is recognised by its config before any key sniffing.
 FORMATS: dict[str, ModuleType] = {"peft": peft, "diffusers": diffusers, "kohya": kohya}
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}$")
+
+
+def is_hub_id(text: str) -> bool:
+    """Whether `text` is a hub repository id, `owner/name`, by huggingface_hub's rules (no `..`, `--` or `.git`)."""
+    return bool(_HUB_ID.match(text)) and ".." not in text and "--" not in text and not text.endswith(".git")
 
 
 def format_module(name: str) -> ModuleType:
@@ -41,7 +46,7 @@ def detect_format(path: str | Path, *, allow_pickle: bool = False) -> str:
     """
     path = Path(path)
     if not path.exists():
-        hint = " (it looks like a hub id: is the network reachable?)" if _HUB_ID.match(str(path)) else ""
+        hint = " (it looks like a hub id: is the network reachable?)" if is_hub_id(str(path)) else ""
         raise AdapterFormatError(f"{path}: no such file or folder{hint}")
     if path.is_dir():
         # Folders are recognised by their file names (adapter_config.json, pytorch_lora_weights.*).

@@ -20,6 +20,7 @@ from safetensors import SafetensorError, safe_open
 from ..adapter import Adapter, AdapterMetadata
 from ..errors import AdapterFormatError, InvalidTensorError, UnsafeFormatError
 from ..lowrank import LowRank
+from ._validate import factor_shapes, warn_zero_scales
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 _SAFETENSORS_DTYPES = {
@@ -66,7 +67,7 @@ class SafetensorsSource(TensorSource):
         try:
             self._file = safe_open(str(path), framework="pt")
             self._keys = list(self._file.keys())
-        except (SafetensorError, OSError, ValueError) as err:
+        except (SafetensorError, OSError, ValueError, RuntimeError) as err:  # RuntimeError: the map does not fit
             raise AdapterFormatError(
                 f"{path}: not a readable safetensors file ({err}); it may be truncated or another format"
             ) from None
@@ -178,12 +179,7 @@ class LazyModules(Mapping[str, LowRank]):
         self._shapes = {name: self._check_shapes(name, entry) for name, entry in self.entries.items()}
 
     def _check_shapes(self, name: str, entry: ModuleEntry) -> tuple[int, ...]:
-        down, up = self.source.shape(entry.down_key), self.source.shape(entry.up_key)
-        if len(down) not in (2, 4) or len(up) != len(down) or up[1] != down[0] or any(s != 1 for s in up[2:]):
-            raise AdapterFormatError(
-                f"{self.source.name}: module {name!r} has factors of shapes {down} (down/A) and {up} (up/B), "
-                "which do not form a LoRA pair (A: (r, in[, kh, kw]), B: (out, r[, 1, 1]))"
-            )
+        down, up = factor_shapes(self.source, name, entry.down_key, entry.up_key, entry.magnitude_key)
         in_flat = down[1] * (down[2] * down[3] if len(down) == 4 else 1)
         return (up[0], in_flat, *down[2:])
 
@@ -231,6 +227,7 @@ def lazy_adapter(source: TensorSource, entries: Mapping[str, ModuleEntry], name:
     modules = LazyModules(source, entries)
     if not modules:
         raise AdapterFormatError(f"{source.name}: holds no LoRA modules")
+    warn_zero_scales(source, {module: entry.scale for module, entry in modules.entries.items()})
     dtype = modules.dtype_of(next(iter(modules)))
     return Adapter(modules, AdapterMetadata(source=source.name, dtype=dtype, **metadata), name)
 

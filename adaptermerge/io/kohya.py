@@ -35,6 +35,7 @@ from ._source import (
     open_source,
     take_unused,
 )
+from ._validate import alpha_tensor, factor_shapes
 from ._write import atomic_path, provenance_metadata, save_tensors
 from .diffusers import canonical_name, require_components, split_component
 
@@ -206,8 +207,8 @@ def parse(source: TensorSource) -> dict[str, ModuleEntry]:
             raise AdapterFormatError(f"{source.name}: module {flat!r} has only one of lora_down/lora_up")
         if name in entries:
             raise AdapterFormatError(f"{source.name}: two kohya modules map to {name!r} (the second is {flat!r})")
-        rank = source.shape(roles["down"])[0]
-        alpha = float(source.get(roles["alpha"])) if "alpha" in roles else 0.0
+        rank = factor_shapes(source, flat, roles["down"], roles["up"])[0][0]
+        alpha = alpha_tensor(source, roles["alpha"], flat) if "alpha" in roles else 0.0
         # sd-scripts and A1111 treat a missing (or zero) alpha as alpha = rank.
         entries[name] = ModuleEntry(roles["down"], roles["up"], alpha / rank if alpha else 1.0)
     take_unused(keys, {k for roles in found.values() for k in roles.values()}, source, "kohya")
