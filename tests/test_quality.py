@@ -107,7 +107,7 @@ def test_bench_quality_cli_trains_the_suite_of_the_seed_it_is_given(small_suite,
     suite, _, _ = small_suite
     asked = []
 
-    def fake_load(config, *, cache_dir=None):
+    def fake_load(config, *, cache_dir=None, progressbar=False):
         asked.append(config)
         return suite
 
