@@ -91,3 +91,8 @@ def test_quality_table_leaves_out_per_task_columns_that_do_not_fit():
     wide_console = Console(width=200, record=True, file=open("/dev/null", "w"))
     print_table(results, wide_console)
     assert "noun.task_7" in wide_console.export_text()
+
+
+@pytest.mark.parametrize("verb", [[], ["merge"], ["convert"], ["run"], ["library", "similarity"], ["recover"]])
+def test_help_fits_80_columns(verb):
+    narrow(*verb, "--help")

@@ -73,9 +73,9 @@ def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
 
     \b
     Examples:
-      adaptermerge demo                    what merging keeps, ours beside peft's (a few minutes the first time)
-      adaptermerge merge style.safetensors character.safetensors --weights 0.7,0.3 -o mix.safetensors
-      adaptermerge merge lora_a/ lora_b/ --method ties --density 0.5 --rank 16 -o merged/
+      adaptermerge demo                   what merging keeps, and how fast
+      adaptermerge merge a.safetensors b.safetensors -w 0.7,0.3 -o mix.safetensors
+      adaptermerge merge lora_a/ lora_b/ -m ties --density 0.5 -r 16 -o merged/
       adaptermerge inspect merged/
       adaptermerge methods
     """

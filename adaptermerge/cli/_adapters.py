@@ -60,9 +60,9 @@ def merge(ctx: click.Context, adapters: tuple[str, ...], output: Path, method: s
 
     \b
     Examples:
-      adaptermerge merge a/ b/ -o ab/                              exact sum, rank = sum of ranks
-      adaptermerge merge a/ b/ -w 0.7,0.3 --rank 16 -o ab/         weighted, truncated to rank 16
-      adaptermerge merge a.safetensors b.safetensors -m ties --density 0.3 -o ab.safetensors
+      adaptermerge merge a/ b/ -o ab/                   exact sum, rank = Σ ranks
+      adaptermerge merge a/ b/ -w 0.7,0.3 -r 16 -o ab/  weighted, rank 16
+      adaptermerge merge a.safetensors b.safetensors -m ties -o ab.safetensors
     """
     from ..io import check_not_input, save_adapter
     from ..io._write import check_writable
