@@ -67,9 +67,12 @@ def merge(ctx: click.Context, adapters: tuple[str, ...], output: Path, method: s
     from ..io import check_not_input, save_adapter
     from ..io._write import check_writable
     from ..merge import load_adapters, merge_adapters
+    from ..methods import get_method
     from ..training.orthogonal import check_disjoint
 
     params = pop_method_params(kwargs)
+    chosen, rank = get_method(method), kwargs["rank"]
+    chosen.make_params({**params, "rank": rank} if rank is not None and "rank" in chosen.param_names else params)
     check_writable(output, kwargs["overwrite"], directory=True)  # exists? before any work (the writer checks the rest)
     start = time.perf_counter()
     loaded = load_adapters(list(adapters), allow_pickle=kwargs["allow_pickle"])
