@@ -93,6 +93,10 @@ def test_quality_table_leaves_out_per_task_columns_that_do_not_fit():
     assert "noun.task_7" in wide_console.export_text()
 
 
-@pytest.mark.parametrize("verb", [[], ["merge"], ["convert"], ["run"], ["library", "similarity"], ["recover"]])
+@pytest.mark.parametrize(
+    "verb",
+    [[], ["merge"], ["convert"], ["run"], ["library", "similarity"], ["recover"], ["demo"], ["bench", "quality"]],
+    ids=" ".join,
+)
 def test_help_fits_80_columns(verb):
     narrow(*verb, "--help")
