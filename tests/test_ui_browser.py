@@ -194,3 +194,27 @@ def test_fusion_section_mu_slider_schedule_editor_and_xy_grid(pipeline_page, tmp
     screenshot = tmp_path / "ui-fusion-grid.png"
     page.screenshot(path=str(screenshot), full_page=True)
     print(f"fusion section: grid {grid.shape}, screenshot {screenshot}")
+
+
+def test_typing_a_weight_and_pressing_enter_refreshes_the_preview(page):
+    before = page.inner_text("#preview")
+    box = page.locator("#weight-1 input[type=number]")
+    box.fill("1.35")
+    box.press("Enter")
+    page.wait_for_function("old => document.querySelector('#preview').innerText !== old", arg=before, timeout=10_000)
+    assert float(box.input_value()) == 1.35
+
+
+def test_similarity_table_stays_inside_its_column(page):
+    page.wait_for_selector("#heatmap table")
+    column = page.locator("#heatmap").bounding_box()
+    table = page.locator("#heatmap table").bounding_box()
+    assert table["x"] >= column["x"] - 1 and table["x"] + table["width"] <= column["x"] + column["width"] + 1
+    assert page.locator("#heatmap th[title]").count() >= 2  # numbered columns, the names in tooltips
+
+
+def test_advanced_weights_example_names_the_loaded_adapters(page, pipeline_page):
+    demo = page.locator("#advanced-weights textarea").get_attribute("placeholder")
+    theirs = pipeline_page.locator("#advanced-weights textarea").get_attribute("placeholder")
+    first_slider = pipeline_page.locator("#weight-0 label, #weight-0 [data-testid='block-info']").first.inner_text()
+    assert first_slider.strip() in theirs and theirs != demo and "digit" not in theirs
