@@ -10,6 +10,7 @@ from adaptermerge import merge_adapters
 from adaptermerge.quality.bench import DENSITIES, GRID, run_quality_bench
 from adaptermerge.quality.digits import DIGITS_TASKS, digits_config, load_digits_suite
 from adaptermerge.quality.report import print_table, write_json, write_png
+from adaptermerge.quality.suite import TaskData
 
 pytest.importorskip("peft")
 TASKS = ("digit", "parity", "inverted")
@@ -128,3 +129,27 @@ def test_quality_png_keeps_its_title_and_axis_labels_inside_the_picture(small_su
     pixels = np.asarray(Image.open(write_png(results, tmp_path / "q.png")).convert("L"))
     ink = pixels < 250
     assert not (ink[0].any() or ink[-1].any() or ink[:, 0].any() or ink[:, -1].any()), "something touches the edge"
+
+
+def test_stratified_subset_keeps_class_proportions_is_fixed_and_drops_unused_padding():
+    labels = torch.tensor([0] * 30 + [1] * 10 + [2] * 20)
+    lengths = torch.randint(1, 9, (60,), generator=torch.Generator().manual_seed(0))
+    mask = (torch.arange(12)[None, :] < lengths[:, None]).long()
+    data = TaskData({"hidden": torch.randn(60, 12, 3), "mask": mask}, labels)
+    subset = data.stratified(12, seed=3)
+    assert torch.bincount(subset.labels).tolist() == [6, 2, 4]
+    assert torch.equal(subset.labels, data.stratified(12, seed=3).labels)
+    assert subset.inputs["mask"].shape[1] == int(subset.inputs["mask"].sum(1).max()) <= 8
+    assert data.stratified(60) is data
+    rows = [int(torch.nonzero((data.inputs["hidden"][:, 0] == h[0]).all(1))) for h in subset.inputs["hidden"]]
+    assert torch.equal(data.labels[rows], subset.labels)  # each kept example keeps its own label
+
+
+def test_batches_cover_every_example_once_text_in_order_of_length():
+    mask = (torch.arange(6)[None, :] < torch.tensor([5, 1, 3, 2, 6, 4])[:, None]).long()
+    data = TaskData({"hidden": torch.arange(6.0)[:, None, None].expand(6, 6, 1), "mask": mask}, torch.arange(6))
+    batches = list(data.batches(2))
+    assert [b.labels.tolist() for b in batches] == [[1, 3], [2, 5], [0, 4]]
+    assert [b.inputs["mask"].shape[1] for b in batches] == [2, 4, 6]
+    plain = list(TaskData(torch.randn(5, 3), torch.arange(5)).batches(2))
+    assert [b.labels.tolist() for b in plain] == [[0, 1], [2, 3], [4]]

@@ -90,6 +90,18 @@ def test_each_adapter_fits_its_task_better_than_the_base_model(small_suite):
         assert own >= base, (task, own, base)
 
 
+def test_evaluation_in_batches_of_one_length_equals_one_padded_batch(small_suite):
+    adapter = small_suite.adapters()[0]
+    weights = {n: m.weight for n, m in small_suite.backbone.named_modules() if isinstance(m, torch.nn.Linear)}
+    params = {f"{n}.weight": weights[n] + u.to_dense().to(weights[n].dtype) for n, u in adapter.items()}
+    for task in TASKS:
+        data = small_suite.data[task]["test"]
+        with torch.no_grad():
+            features = torch.func.functional_call(small_suite.backbone, params, (data.inputs,))
+        padded = float((small_suite.heads[task](features).argmax(-1) == data.labels).float().mean())
+        assert small_suite.evaluate(adapter, tasks=[task])[task] == pytest.approx(padded)
+
+
 def test_linear_merge_from_files_equals_merge_in_memory(small_suite):
     suite = small_suite
     paths = [suite.adapter_paths[t] for t in suite.tasks]

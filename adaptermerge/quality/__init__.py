@@ -1,7 +1,8 @@
 """Merge quality on real, offline data: task suites with one LoRA per task, and the benchmark that merges them.
 
-`load_demo_suite()` returns the small digits suite the demo and the UI use (trained once, then cached); its
-`evaluate(adapter)` gives per-task test accuracy in a few tens of milliseconds.
+`load_demo_suite()` returns the small digits suite (`bench quality`'s default and `adaptermerge ui --suite digits`;
+trained once, then cached); its `evaluate(adapter)` gives per-task test accuracy in a few tens of milliseconds. The
+demo and the UI's default use the text suite, :func:`adaptermerge.quality.wordnet.load_text_suite`.
 """
 
 from __future__ import annotations

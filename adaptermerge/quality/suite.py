@@ -23,7 +23,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,6 +63,41 @@ class TaskData:
         if isinstance(self.inputs, Mapping):
             return TaskData({k: v[index] for k, v in self.inputs.items()}, self.labels[index])
         return TaskData(self.inputs[index], self.labels[index])
+
+    def stratified(self, size: int, *, seed: int = 0) -> TaskData:
+        """A fixed, stratified subset of `size` examples: each class in the proportion it has in the split.
+
+        The same `seed` gives the same subset. Text inputs (`{"hidden", "mask"}`) lose the padding columns that no
+        kept example uses, which leaves every kept example's features unchanged (padding is masked out).
+        """
+        if size >= len(self):
+            return self
+        order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))
+        labels = self.labels[order]
+        turn = torch.empty(len(self), dtype=torch.float64)  # how far into its class an example is, as a fraction
+        for label in labels.unique():
+            members = labels == label
+            count = int(members.sum())
+            turn[members] = (torch.arange(count, dtype=torch.float64) + 0.5) / count
+        return self.take(order[torch.argsort(turn, stable=True)[:size]].sort().values).trimmed()
+
+    def trimmed(self) -> TaskData:
+        """Text inputs (`{"hidden", "mask"}`, padded on the right) without the padding columns no example uses; a
+        masked padding column changes no example's features, so this only saves work."""
+        if not (isinstance(self.inputs, Mapping) and "mask" in self.inputs):
+            return self
+        length = int(self.inputs["mask"].sum(1).max())
+        return TaskData({k: v[:, :length] for k, v in self.inputs.items()}, self.labels)
+
+    def batches(self, size: int) -> Iterator[TaskData]:
+        """The examples in batches of at most `size`, each :meth:`trimmed`; text in order of length, so that a batch
+        of short glosses is not padded to the longest of the split."""
+        if isinstance(self.inputs, Mapping) and "mask" in self.inputs:
+            order = torch.argsort(self.inputs["mask"].sum(1), stable=True)
+        else:
+            order = torch.arange(len(self))
+        for index in order.split(size):
+            yield self.take(index).trimmed()
 
 
 @dataclass(frozen=True)
@@ -157,8 +192,7 @@ class Suite:
             for task in tasks or self.tasks:
                 data = self.data[task][split]
                 correct = 0
-                for start in range(0, len(data), self.eval_batch_size):
-                    batch = data.take(torch.arange(start, min(start + self.eval_batch_size, len(data))))
+                for batch in data.batches(self.eval_batch_size):
                     features = torch.func.functional_call(self.backbone, params, (batch.inputs,))
                     correct += int((self.heads[task](features).argmax(-1) == batch.labels).sum())
                 results[task] = correct / len(data)

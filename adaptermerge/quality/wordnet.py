@@ -343,6 +343,6 @@ def load_text_suite(
         load_data=load_data,
         make_head=make_head,
         cache_dir=cache_dir,
-        eval_batch_size=512,
+        eval_batch_size=64,  # batches of glosses of about one length (see TaskData.batches)
         progressbar=progressbar,
     )

@@ -24,6 +24,7 @@ from .workbench import (
     DEMO,
     MAX_ADAPTERS,
     MAX_UPLOAD_BYTES,
+    SuitePreview,
     TextPreview,
     Workbench,
     export,
@@ -170,6 +171,7 @@ def build_app(bench: Workbench, *, diffusion: bool = False) -> Any:
       (a diffusion base's, else None), heatmap HTML, timing text);
     - `/select_method` (method) → parameter controls; `/upload` (files) → sliders, status;
     - `/export` (method, weights…, parameters…, format, advanced weights text) → file;
+    - `/full_evaluation` (as `/preview`) → the score table on each task's whole test split (an embedded suite);
     - `/set_prompt` (text) for a text or diffusion base;
     - `/diffusion_preview` (one weight per embedded diffusion LoRA) → (image, timing text) when `diffusion`.
     """
@@ -200,6 +202,15 @@ def build_app(bench: Workbench, *, diffusion: bool = False) -> Any:
         if isinstance(shown, str):
             return shown, None, heatmap, f"merge + preview: {1000 * elapsed:.0f} ms"
         return "", shown, heatmap, f"merge + render: {1000 * elapsed:.0f} ms"
+
+    def on_full(method: str, *values: Any) -> str:
+        *values, advanced = values
+        weights, param_values = split(values)
+        try:
+            specs = parse_weight_specs(advanced, bench.names)
+            return bench.evaluate_full(weights, method, params_of(method, param_values), specs)
+        except (AdapterMergeError, ValueError) as err:
+            raise gr.Error(str(err)) from None
 
     def on_method(method: str) -> list[Any]:
         defaults = {f.name: f.default for f in dataclasses.fields(methods[method].params_cls)}
@@ -290,6 +301,11 @@ def build_app(bench: Workbench, *, diffusion: bool = False) -> Any:
                 image = gr.Image(
                     label="preview", format="png", type="numpy", visible=image_base, elem_id="preview-image"
                 )
+                sampled = isinstance(bench.preview_fn, SuitePreview) and bench.preview_fn.sampled
+                full_button = gr.Button(
+                    "Full evaluation (whole test split)", visible=sampled, elem_id="full-evaluation"
+                )
+                full_scores = gr.HTML(elem_id="full-scores")
                 heatmap = gr.HTML(elem_id="heatmap")
         if image_base:
             fusion_section(gr, bench.preview_fn, lambda: bench.adapters)
@@ -311,6 +327,7 @@ def build_app(bench: Workbench, *, diffusion: bool = False) -> Any:
         app.load(on_method, method, [method_doc, *widgets], api_visibility="private").then(**preview_args)
         prompt.submit(set_prompt, prompt, None, api_name="set_prompt").then(**preview_args)
         uploads.upload(on_upload, uploads, [*sliders, upload_status], api_name="upload")
+        full_button.click(on_full, inputs, full_scores, api_name="full_evaluation")
         export_button.click(on_export, [*inputs[:-1], fmt, advanced], exported, api_name="export")
     return app
 
@@ -323,11 +340,13 @@ def launch(
     adapters_dir: str | Path | None = None,
     steps: int = 20,
     size: int | None = None,
+    suite: str | None = None,
     prevent_thread_lock: bool = False,
 ) -> Any:
     """Build the workbench and start the app; warns when `host` is not a loopback address.
 
-    `steps` and `size` (pixels; the pipeline's default when None) set the image preview of a diffusion `base`.
+    `steps` and `size` (pixels; the pipeline's default when None) set the image preview of a diffusion `base`;
+    `suite` picks the embedded bench when there is no `base` or `adapters_dir` (`"text"` by default, or `"digits"`).
 
     Returns:
         `gradio.Blocks`: the running app (call `.close()` to stop it when `prevent_thread_lock` is set).
@@ -336,7 +355,7 @@ def launch(
 
     if host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("binding to %s: anyone who can reach this address can use the app and its files", host)
-    bench = make_workbench(base, adapters_dir, steps=steps, size=size)
+    bench = make_workbench(base, adapters_dir, steps=steps, size=size, suite=suite, progressbar=True)
     app = build_app(bench, diffusion=base in (None, DEMO) and adapters_dir is None)
     app.launch(
         server_name=host,

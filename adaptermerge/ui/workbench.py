@@ -1,9 +1,11 @@
 """The UI's state: adapters held in memory, their similarities, the preview, uploads and export.
 
 Adapters are read once and every module materialised, so moving a slider only merges factors and re-runs the
-preview; nothing is read from disk or rebuilt. With no arguments the workbench is the demo: the digits suite's
-backbone and its eight task LoRAs (:func:`adaptermerge.quality.load_demo_suite`), previewed by each task's test
-accuracy; with `--base` a causal LM, previewed by generated text, or a diffusers pipeline, previewed by an image
+preview; nothing is read from disk or rebuilt. With no arguments the workbench is the demo's: the text suite's
+MiniLM and its four task LoRAs (trained on first use, then cached, as `adaptermerge demo` does), previewed by each
+task's accuracy on a fixed, class-balanced subset of its test split (:class:`SuitePreview`); `suite="digits"` gives
+the digits suite's MLP and eight LoRAs instead, previewed on the whole test split. With `--base` a causal LM,
+previewed by generated text, or a diffusers pipeline, previewed by an image
 (:class:`~adaptermerge.ui.diffusion.PipelinePreview`, which re-weights linear merges in place). Uploads are
 size-limited, refused when they are pickles, and validated like command-line input.
 """
@@ -36,6 +38,8 @@ __all__ = [
     "DEMO",
     "MAX_ADAPTERS",
     "MAX_UPLOAD_BYTES",
+    "SUITES",
+    "SuitePreview",
     "TextPreview",
     "Workbench",
     "export",
@@ -48,6 +52,8 @@ logger = logging.getLogger(__name__)
 MAX_ADAPTERS = 16
 MAX_UPLOAD_BYTES = 256 * 2**20
 DEMO = "demo"
+SUITES = ("text", "digits")  # the embedded benches, the default first
+PREVIEW_PER_TASK = 100  # the text suite's live preview: half of each task's 200 test glosses
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
 
 
@@ -236,21 +242,29 @@ class Workbench:
             return scores
         if isinstance(scores, str):
             return f"<pre class='am-text'>{html.escape(scores)}</pre>"
-        rows = []
-        for task, score in scores.items():
-            own = self.reference.get(task)
-            bar = f"<div class='am-bar' style='width:{100 * score:.1f}%'></div>"
-            rows.append(
-                f"<tr><td>{html.escape(task)}</td><td>{self.base_scores.get(task, float('nan')):.3f}</td>"
-                f"<td>{'' if own is None else f'{own:.3f}'}</td><td class='am-merged'>{score:.3f}</td>"
-                f"<td class='am-barcell'>{bar}</td></tr>"
-            )
-        normalised = [s / self.reference[t] for t, s in scores.items() if self.reference.get(t)]
-        summary = (
-            f"mean normalised accuracy (merged / own): {sum(normalised) / len(normalised):.3f}" if normalised else ""
-        )
-        head = "<tr><th>task</th><th>base</th><th>own adapter</th><th>merged</th><th></th></tr>"
-        return f"<table class='am-preview'>{head}{''.join(rows)}</table><p class='am-summary'>{summary}</p>"
+        measured = self.preview_fn.describe() if isinstance(self.preview_fn, SuitePreview) else ""
+        return _score_table(scores, self.base_scores, self.reference, measured)
+
+    def evaluate_full(
+        self,
+        weights: Sequence[float],
+        method: str,
+        params: Mapping[str, Any],
+        specs: Mapping[str, Mapping[str, Any]] | None = None,
+    ) -> str:
+        """The merge's score table on each task's whole test split (the live preview may score a subset).
+
+        Raises:
+            AdapterMergeError: without a task suite's preview, or for bad parameters or advanced weights.
+        """
+        if not isinstance(self.preview_fn, SuitePreview):
+            raise AdapterMergeError("the full evaluation needs an embedded task suite (adaptermerge ui --suite ...)")
+        merged = self.merge([float(w) for w in weights[: len(self.adapters)]], method, params, specs)
+        suite = self.preview_fn
+        with torch_threads(self.threads):
+            scores, base = suite(merged, full=True), suite.base(full=True)
+            reference = suite.reference(self.adapters, full=True)
+        return _score_table(scores, base, reference, suite.describe(full=True))
 
     def cosines(
         self, weights: Sequence[float], specs: Mapping[str, Mapping[str, Any]] | None = None
@@ -294,6 +308,26 @@ class Workbench:
         return f"<div class='am-heatmap-wrap'>{table}</div><p>{note}</p>"
 
 
+def _score_table(
+    scores: Mapping[str, float], base: Mapping[str, float], reference: Mapping[str, float], measured: str
+) -> str:
+    """Per task: base, own adapter and merged score with a bar; the mean normalised score; what was measured."""
+    rows = []
+    for task, score in scores.items():
+        own = reference.get(task)
+        bar = f"<div class='am-bar' style='width:{100 * score:.1f}%'></div>"
+        rows.append(
+            f"<tr><td>{html.escape(task)}</td><td>{base.get(task, float('nan')):.3f}</td>"
+            f"<td>{'' if own is None else f'{own:.3f}'}</td><td class='am-merged'>{score:.3f}</td>"
+            f"<td class='am-barcell'>{bar}</td></tr>"
+        )
+    normalised = [s / reference[t] for t, s in scores.items() if reference.get(t)]
+    summary = f"mean normalised accuracy (merged / own): {sum(normalised) / len(normalised):.3f}" if normalised else ""
+    head = "<tr><th>task</th><th>base</th><th>own adapter</th><th>merged</th><th></th></tr>"
+    note = f"<p class='am-measured'>{html.escape(measured)}</p>" if measured else ""
+    return f"<table class='am-preview'>{head}{''.join(rows)}</table><p class='am-summary'>{summary}</p>{note}"
+
+
 def _module_inners(x: Adapter, y: Adapter, modules: Mapping[str, int]) -> torch.Tensor:
     """⟨ΔW_x, ΔW_y⟩ per module (zero where either lacks it) at `modules[name]`, computed on the factors."""
     row = torch.zeros(len(modules), dtype=torch.float64)
@@ -313,31 +347,112 @@ def _read_folder(folder: Path) -> list[Adapter]:
     return adapters
 
 
-def demo_workbench() -> Workbench:
-    """The embedded default: the digits suite's task LoRAs, previewed by per-task test accuracy."""
-    from ..quality import load_demo_suite
+class SuitePreview:
+    """A task suite's per-task accuracy with a merge added to its frozen backbone, for the embedded benches.
 
+    The live preview scores a fixed, class-balanced subset of each task's test split (`per_task` examples, the same
+    on every slider move); `full=True` scores the whole split. Scores of the base model are computed once per split.
+
+    Args:
+        suite (`Suite`): a trained suite from :mod:`adaptermerge.quality`.
+        per_task (`int`, *optional*): examples per task in the live preview; the whole test split when None.
+    """
+
+    def __init__(self, suite: Any, *, per_task: int | None = None) -> None:
+        self.suite = suite
+        self.split = "test"
+        if per_task is not None:
+            for splits in suite.data.values():
+                splits["preview"] = splits["test"].stratified(per_task, seed=suite.config.seed)
+            self.split = "preview"
+        self._base: dict[str, dict[str, float]] = {}
+
+    @property
+    def sampled(self) -> bool:
+        """Whether the live preview scores a subset (so a full evaluation says more)."""
+        return self.split != "test"
+
+    def _split(self, full: bool) -> str:
+        return "test" if full else self.split
+
+    def __call__(self, merged: Adapter | None, *, full: bool = False) -> dict[str, float]:
+        return self.suite.evaluate(merged, split=self._split(full))
+
+    def base(self, *, full: bool = False) -> dict[str, float]:
+        """The base model's score per task (every weight zero)."""
+        split = self._split(full)
+        if split not in self._base:
+            self._base[split] = self.suite.evaluate(None, split=split)
+        return self._base[split]
+
+    def reference(self, adapters: Sequence[Adapter], *, full: bool = False) -> dict[str, float]:
+        """Each task adapter's score on its own task (adapters named for no task are left out)."""
+        split = self._split(full)
+        tasks = [a for a in adapters if a.name in self.suite.data]
+        return {a.name: self.suite.evaluate(a, split=split, tasks=[a.name])[a.name] for a in tasks}
+
+    def describe(self, *, full: bool = False) -> str:
+        """What the scores measure, for the page."""
+        tasks = self.suite.tasks
+        total = sum(len(self.suite.data[t]["test"]) for t in tasks)
+        if full or not self.sampled:
+            return f"Accuracy on each task's whole test split ({total} examples over {len(tasks)} tasks)."
+        shown = sum(len(self.suite.data[t][self.split]) for t in tasks)
+        return (
+            f"Live preview: accuracy on a fixed, stratified {shown} of the {total} test examples "
+            f"({shown // len(tasks)} per task), so it follows the sliders; 'Full evaluation' scores all of them."
+        )
+
+
+def demo_workbench(suite: str = SUITES[0], *, progressbar: bool = False) -> Workbench:
+    """The embedded default: a quality suite's task LoRAs, previewed by per-task accuracy.
+
+    Args:
+        suite (`str`): `"text"` (the demo's MiniLM suite, the live preview on a subset of each test split) or
+            `"digits"` (the digits MLP, the whole test split).
+        progressbar (`bool`): show progress bars while a suite is built on first use.
+
+    Raises:
+        AdapterMergeError: for an unknown suite, or a text suite whose data or encoder is not installed.
+    """
+    if suite not in SUITES:
+        raise AdapterMergeError(f"unknown suite {suite!r}; choose from {', '.join(SUITES)}")
     with torch_threads(1):
-        suite = load_demo_suite()
-        adapters = suite.adapters()
-        reference = {a.name: suite.evaluate(a, tasks=[a.name])[a.name] for a in adapters}
-    return Workbench(adapters, preview=suite.evaluate, reference=reference, threads=1)
+        if suite == "text":
+            from ..quality.wordnet import load_text_suite, text_config
+
+            preview = SuitePreview(load_text_suite(text_config(), progressbar=progressbar), per_task=PREVIEW_PER_TASK)
+        else:
+            from ..quality.digits import load_digits_suite
+
+            preview = SuitePreview(load_digits_suite(progressbar=progressbar))
+        adapters = preview.suite.adapters()
+        reference = preview.reference(adapters)
+    return Workbench(adapters, preview=preview, reference=reference, threads=1)
 
 
 def make_workbench(
-    base: str | None = None, adapters_dir: str | Path | None = None, *, steps: int = 20, size: int | None = None
+    base: str | None = None,
+    adapters_dir: str | Path | None = None,
+    *,
+    steps: int = 20,
+    size: int | None = None,
+    suite: str | None = None,
+    progressbar: bool = False,
 ) -> Workbench:
-    """The workbench for the command line's `--base` and `--adapters` (the demo when both are absent).
+    """The workbench for the command line's `--base`, `--adapters` and `--suite` (the text suite when all are absent).
 
     `steps` and `size` set a diffusion base's preview: denoising steps and image side in pixels (the pipeline's
-    default when None).
+    default when None). `suite` names an embedded bench (:data:`SUITES`); `progressbar` shows its first build.
 
     Raises:
         AdapterMergeError: for an adapter folder with no readable adapter, a base the app cannot preview, or
             adapters whose modules the base lacks.
     """
+    if suite is not None and (base not in (None, DEMO) or adapters_dir is not None):
+        raise AdapterMergeError("--suite opens an embedded bench; leave out --base and --adapters")
     if base in (None, DEMO) and adapters_dir is None:
-        return demo_workbench()
+        return demo_workbench(suite or SUITES[0], progressbar=progressbar)
     if adapters_dir is None:
         raise AdapterMergeError(f"--base {base} needs --adapters DIR: the folder of adapters trained on it")
     adapters = _read_folder(Path(adapters_dir))
