@@ -315,14 +315,10 @@ def build_app(bench: Workbench, *, diffusion: bool = False) -> Any:
         inputs = [method, *sliders, *widgets, advanced]
         outputs = [preview, image, heatmap, timing]
         preview_args = {"fn": on_preview, "inputs": inputs, "outputs": outputs, "api_visibility": "private"}
-        gr.on(
-            [s.release for s in sliders] + [w.input for w in widgets] + [advanced.blur, advanced.submit],
-            on_preview,
-            inputs,
-            outputs,
-            api_name="preview",
-            trigger_mode="always_last",
-        )
+        changes = [s.release for s in sliders] + [w.input for w in widgets] + [advanced.blur, advanced.submit]
+        gr.on(changes, on_preview, inputs, outputs, api_name="preview", trigger_mode="always_last")
+        # a full evaluation describes the merge it was asked for: it goes when the merge changes
+        gr.on([*changes, method.change], lambda: "", None, full_scores, api_visibility="private")
         method.change(on_method, method, [method_doc, *widgets], api_name="select_method").then(**preview_args)
         app.load(on_method, method, [method_doc, *widgets], api_visibility="private").then(**preview_args)
         prompt.submit(set_prompt, prompt, None, api_name="set_prompt").then(**preview_args)
