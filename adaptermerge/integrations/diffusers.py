@@ -32,6 +32,7 @@ from __future__ import annotations
 import functools
 import logging
 import tempfile
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +41,7 @@ from typing import Any
 import torch
 
 from ..adapter import Adapter
-from ..errors import IncompatibleAdaptersError, IncompatibleVersionsError, InvalidParameterError
+from ..errors import AdapterMergeWarning, IncompatibleAdaptersError, IncompatibleVersionsError, InvalidParameterError
 from ..io import diffusers as diffusers_io
 from ..merge import AdapterLike
 from ..weights import Weight
@@ -134,9 +135,8 @@ def load_into_pipeline(
         pipe.load_lora_weights(str(folder), adapter_name=adapter_name)
     pipe.set_adapters([adapter_name])
     registry = host_live(pipe)
-    previous = registry.pop(adapter_name, None)
-    if previous is not None:
-        DenoisingProgressHook.remove(pipe, previous)
+    for name in [name for name in registry if name == adapter_name or name not in loaded]:  # replaced, or deleted
+        DenoisingProgressHook.remove(pipe, registry.pop(name))
     if live is not None:
         live.attach(lambda module: find_pipeline_module(pipe, module))
         live.apply(0.0)
@@ -226,9 +226,16 @@ class DenoisingProgressHook:
         if not live.dynamic:
             return
         hooks = _hooks(pipe)
-        for component in denoiser_components(pipe):
-            if not any(module.startswith(f"{component}.") for module in live.sources):
-                continue
+        components = [c for c in denoiser_components(pipe) if any(m.startswith(f"{c}.") for m in live.sources)]
+        if not components:
+            warnings.warn(
+                f"the live merge {live.adapter_name!r} changes with the denoising progress but adapts no denoiser "
+                f"of this {type(pipe).__name__}; its text-encoder modules run before denoising, with the weights "
+                "of progress 0",
+                AdapterMergeWarning,
+                stacklevel=3,
+            )
+        for component in components:
             hook = cls(pipe, live, component)
             denoiser = getattr(pipe, component)
             hook.handles = (
