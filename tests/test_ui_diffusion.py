@@ -190,9 +190,11 @@ def test_uploads_are_checked_against_the_pipeline_and_join_the_live_merge(client
     # the page refreshes the fusion section's dropdowns after an upload (`/fusion_adapters`, chained after
     # `/upload`); once they list it, the upload can be fused
     subject, style = client.predict("smudge", "sparkle", api_name="/fusion_adapters")
-    assert [name for name, _ in subject["choices"]] == ["smudge", "sparkle", "stripes"] == [
-        name for name, _ in style["choices"]
-    ]
+    assert (
+        [name for name, _ in subject["choices"]]
+        == ["smudge", "sparkle", "stripes"]
+        == [name for name, _ in style["choices"]]
+    )
     assert (subject["value"], style["value"]) == ("smudge", "sparkle")
     path, timing = client.predict("smudge", "stripes", "linear", 1.0, 1.0, 1.0, 0, 1, 0, 1, api_name="/fusion")
     assert "linear" in timing and np.abs(np.asarray(Image.open(path).convert("RGB")).astype(int) - base).mean() > 2
