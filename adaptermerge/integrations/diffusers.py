@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from ..adapter import Adapter
-from ..errors import AdapterMergeWarning, IncompatibleAdaptersError, IncompatibleVersionsError, InvalidParameterError
+from ..errors import AdapterMergeWarning, IncompatibleVersionsError, InvalidParameterError
 from ..io import diffusers as diffusers_io
 from ..merge import AdapterLike
 from ..weights import Weight
@@ -261,9 +261,10 @@ class DenoisingProgressHook:
         steps = len(scheduler.timesteps)
         index = denoising_step(scheduler, args, kwargs)
         if not 0 <= index < steps:
-            raise IncompatibleAdaptersError(
-                f"step {index} of {type(scheduler).__name__} is outside its {steps} timesteps; call "
-                "scheduler.set_timesteps before calling the denoiser"
+            raise InvalidParameterError(
+                f"step {index} of {type(scheduler).__name__} is outside its {steps} timesteps, so the scheduled merge "
+                f"{self.live.adapter_name!r} cannot follow this call; call scheduler.set_timesteps before calling the "
+                "denoiser outside the pipeline"
             )
         self._last_step = index == steps - 1
         self.live.apply(index / steps, component=self.component)
