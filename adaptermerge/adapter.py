@@ -50,11 +50,16 @@ class Adapter(Mapping[str, LowRank]):
             one module's tensors when it is accessed, so merges stream module by module.
         metadata (`AdapterMetadata`): base model, format, source and dtype.
         name (`str`, *optional*): a short name for tables and error messages.
+        side_cars (`Mapping[str, torch.Tensor]`, *optional*): full-rank tensors some trainers save beside the LoRA
+            factors, named `<module>.<kind>`: `diff` (a full weight delta, such as a norm's), `diff_b` (a bias delta;
+            peft's `lora_B.bias`), `diff_m` (Wan's modulation delta). They are small vectors, not low-rank, so every
+            merge method sums them with the adapters' weights, exactly.
     """
 
     modules: Mapping[str, LowRank]
     metadata: AdapterMetadata = field(default_factory=AdapterMetadata)
     name: str = "adapter"
+    side_cars: Mapping[str, torch.Tensor] = field(default_factory=dict)
 
     def __getitem__(self, module: str) -> LowRank:
         return self.modules[module]
@@ -89,7 +94,14 @@ class Adapter(Mapping[str, LowRank]):
 
     def materialize(self) -> Adapter:
         """Read every module now (a lazy adapter stays tied to its file otherwise)."""
-        return replace(self, modules={name: lr for name, lr in self.items()})
+        return replace(
+            self, modules={name: lr for name, lr in self.items()}, side_cars={k: t for k, t in self.side_cars.items()}
+        )
+
+
+def side_car_module(name: str) -> str:
+    """The module a side-car tensor belongs to (`transformer.blocks.0.attn1.to_q.diff_b` → `….to_q`)."""
+    return name.rpartition(".")[0]
 
 
 def module_union(adapters: Sequence[Adapter]) -> list[str]:

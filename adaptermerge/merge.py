@@ -23,9 +23,9 @@ import torch
 from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
-from .adapter import Adapter, AdapterMetadata, check_compatible, module_union
+from .adapter import Adapter, AdapterMetadata, check_compatible, module_union, side_car_module
 from .errors import IncompatibleAdaptersError, InvalidParameterError, InvalidTensorError
-from .io import load_adapter
+from .io import check_same_family, load_adapter
 from .io.base import BaseWeights
 from .lowrank import LowRank, truncate
 from .methods import get_method
@@ -61,11 +61,16 @@ def _release_freed_memory() -> None:
 AdapterLike = Adapter | str | Path
 
 
-def load_adapters(adapters: Sequence[AdapterLike], *, allow_pickle: bool = False) -> list[Adapter]:
+def load_adapters(
+    adapters: Sequence[AdapterLike], *, allow_pickle: bool = False, skip_unknown: bool = False
+) -> list[Adapter]:
     """Adapters as objects: paths and hub ids are read lazily, names made unique for tables and errors."""
     if not adapters:
         raise IncompatibleAdaptersError("no adapters given; pass at least one path, hub id or Adapter")
-    loaded = [a if isinstance(a, Adapter) else load_adapter(a, allow_pickle=allow_pickle) for a in adapters]
+    loaded = [
+        a if isinstance(a, Adapter) else load_adapter(a, allow_pickle=allow_pickle, skip_unknown=skip_unknown)
+        for a in adapters
+    ]
     seen: dict[str, int] = {}
     unique = []
     for adapter in loaded:
@@ -87,6 +92,35 @@ def _check_dora(
         )
     if rank is not None:
         raise IncompatibleAdaptersError(f"{where}: a DoRA merge keeps rank Σ r_t; drop rank (--rank)")
+
+
+def merge_side_cars(
+    adapters: Sequence[Adapter], resolvers: Sequence[Callable[[str], float]], dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """The weighted sum of the adapters' side-car tensors (biases, norm and modulation deltas), under any method.
+
+    Side-cars are full-rank but small (a vector per module), so they are summed exactly, each with its adapter's
+    weight for the module it belongs to; one that only some adapters have counts as zero in the others.
+
+    Raises:
+        IncompatibleAdaptersError: when adapters hold a side-car of one name with different shapes.
+    """
+    merged: dict[str, torch.Tensor] = {}
+    for name in dict.fromkeys(n for adapter in adapters for n in adapter.side_cars):
+        module = side_car_module(name)
+        terms = [(a, resolve(module)) for a, resolve in zip(adapters, resolvers) if name in a.side_cars]
+        tensors = [(a.side_cars[name], weight, a.name) for a, weight in terms if weight != 0.0]
+        if not tensors:
+            continue
+        shapes = {tuple(t.shape): adapter for t, _, adapter in tensors}
+        if len(shapes) > 1:
+            raise IncompatibleAdaptersError(
+                f"side-car tensor {name!r} has different shapes in different adapters ({shapes}); "
+                "they were trained on different base models"
+            )
+        total = sum(weight * t.to(torch.promote_types(t.dtype, torch.float32)) for t, weight, _ in tensors)
+        merged[name] = total.to(dtype)
+    return merged
 
 
 def _cast_finite(result: LowRank, dtype: torch.dtype, module: str) -> LowRank:
@@ -118,6 +152,7 @@ def merge_adapters(
     base: str | Path | Mapping[str, torch.Tensor] | None = None,
     num_workers: int | None = None,
     progressbar: bool = False,
+    skip_unknown: bool = False,
     **params: Any,
 ) -> Adapter:
     """Merge adapters into one, on their low-rank factors.
@@ -138,6 +173,8 @@ def merge_adapters(
             `adaptermerge.methods.dora`). Without it, merging DoRA adapters is refused rather than approximated.
         num_workers (`int`, *optional*): threads merging modules side by side; one per core (at most 8) by default.
         progressbar (`bool`, defaults to `False`): show a progress bar over modules.
+        skip_unknown (`bool`, defaults to `False`): merge files that hold keys nothing understands, leaving those
+            modules out (each input lists the keys in `metadata.extra["unused_keys"]`).
         **params: the method's parameters (e.g. `density=0.5`, `majority_sign_method="total"`, `seed=0`).
 
     Returns:
@@ -157,7 +194,8 @@ def merge_adapters(
     if takes_rank and rank is not None:
         params = {**params, "rank": rank}
     method_params = merge_method.make_params(params)
-    loaded = load_adapters(adapters, allow_pickle=allow_pickle)
+    loaded = load_adapters(adapters, allow_pickle=allow_pickle, skip_unknown=skip_unknown)
+    check_same_family(loaded)
     resolvers = check_weights(weights, len(loaded))
     if not merge_method.per_module:
         if any(r.uniform is None for r in resolvers):
@@ -212,6 +250,9 @@ def merge_adapters(
         "weights": [r.spec for r in resolvers],
         "rank": rank,
         "sources": [a.metadata.source or a.name for a in loaded],
+        "unused_keys": {
+            a.name: list(a.metadata.extra["unused_keys"]) for a in loaded if "unused_keys" in a.metadata.extra
+        },
     }
     first = loaded[0].metadata
     metadata = AdapterMetadata(
@@ -219,6 +260,6 @@ def merge_adapters(
         format=first.format,
         source=None,
         dtype=out_dtype,
-        extra={**first.extra, "provenance": provenance},
+        extra={**{k: v for k, v in first.extra.items() if k != "unused_keys"}, "provenance": provenance},
     )
-    return Adapter(merged, metadata, adapter_name)
+    return Adapter(merged, metadata, adapter_name, merge_side_cars(loaded, resolvers, out_dtype))

@@ -110,6 +110,8 @@ def test_files_of_the_wrong_layout_are_refused():
             }
         )
     with pytest.raises(AdapterFormatError, match="LyCORIS"):
+        kohya.from_state_dict({f"{KOHYA}.lora_mid.weight": torch.zeros(2, 2, 3, 3)})
+    with pytest.raises(AdapterFormatError, match="LoHa module .* lacks some of hada_w1_a/b"):
         kohya.from_state_dict({f"{KOHYA}.hada_w1_a": torch.zeros(2, 8)})
     with pytest.raises(AdapterFormatError, match="Flux/SD3"):
         kohya.from_state_dict(
