@@ -210,6 +210,19 @@ class HostWeights(Mapping[str, torch.Tensor]):
         return len(self._modules)
 
 
+def _refuse_side_cars(adapters: Sequence[Adapter]) -> None:
+    """A host's LoRA loader holds LoRA factors only: full-rank side-cars (bias, norm deltas) would be lost."""
+    for adapter in adapters:
+        if adapter.side_cars:
+            names = sorted(adapter.side_cars)
+            raise IncompatibleAdaptersError(
+                f"{adapter.name} carries {len(names)} side-car tensors ({names[0]}, ...: dense bias or norm deltas) "
+                "that the host's LoRA loader cannot hold, so a live merge would drop them; merge to a file in the "
+                f"inputs' layout (adaptermerge merge ... --format {adapter.metadata.format}) and load that with the "
+                "trainer's or ComfyUI's loader"
+            )
+
+
 def build_merge(
     adapters: Sequence[AdapterLike],
     weights: Sequence[Weight] | None,
@@ -231,6 +244,7 @@ def build_merge(
     module name) supplies from the host itself.
     """
     loaded = load_adapters(adapters)
+    _refuse_side_cars(loaded)
     modules = module_union(loaded)
     base = None if find is None else HostWeights(find, modules)
     mode = LIVE_MODES.get(method)
