@@ -218,3 +218,22 @@ def test_advanced_weights_example_names_the_loaded_adapters(page, pipeline_page)
     theirs = pipeline_page.locator("#advanced-weights textarea").get_attribute("placeholder")
     first_slider = pipeline_page.locator("#weight-0 label, #weight-0 [data-testid='block-info']").first.inner_text()
     assert first_slider.strip() in theirs and theirs != demo and "digit" not in theirs
+
+
+def test_an_uploaded_adapter_appears_in_the_fusion_dropdowns_and_fuses(pipeline_page, tmp_path):
+    from adaptermerge import save_adapter
+    from adaptermerge.ui.diffusion import random_pipeline_loras, tiny_sd_pipeline
+
+    page = pipeline_page
+    fresh = random_pipeline_loras(tiny_sd_pipeline(seed=0), ["x", "y", "fresh"])[2]
+    page.locator("#upload input[type=file]").set_input_files(str(save_adapter(fresh, tmp_path / "fresh.safetensors")))
+    page.wait_for_function("document.querySelector('#upload-status').innerText.includes('Added fresh')")
+    if not page.locator("#fusion-render").is_visible():
+        page.get_by_text("subject + style", exact=True).click()
+    page.locator("#fusion-style input").click()
+    option = page.get_by_role("option", name="fresh", exact=True)
+    option.wait_for(timeout=10_000)
+    option.click()
+    assert page.input_value("#fusion-style input") == "fresh"
+    render_and_wait(page, "#fusion-render", "#fusion-image")
+    assert "ms" in page.inner_text("#fusion-timing")

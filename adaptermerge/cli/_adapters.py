@@ -213,7 +213,8 @@ def inspect(path: str, as_json: bool, allow_pickle: bool, skip_unknown: bool) ->
     "output_format",
     type=click.Choice(FORMATS),
     default=None,
-    help="Target format or trainer layout (required).",
+    metavar="FORMAT",
+    help=f"Target format or trainer layout (required): {', '.join(FORMATS)}.",
 )
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Where to write the result.")
 @dtype_option

@@ -133,7 +133,8 @@ format_option = click.option(
     "output_format",
     type=click.Choice(FORMATS),
     default=None,
-    help="Output format or trainer layout (kohya-flux, comfyui-wan, ...); the first input's format by default.",
+    metavar="FORMAT",
+    help=f"Output format or trainer layout ({', '.join(FORMATS)}); the first input's format by default.",
 )
 dtype_option = click.option(
     "--dtype",

@@ -307,8 +307,7 @@ def build_app(bench: Workbench, *, diffusion: bool = False) -> Any:
                 )
                 full_scores = gr.HTML(elem_id="full-scores")
                 heatmap = gr.HTML(elem_id="heatmap")
-        if image_base:
-            fusion_section(gr, bench.preview_fn, lambda: bench.adapters)
+        refresh_fusion = fusion_section(gr, bench.preview_fn, lambda: bench.adapters) if image_base else None
         if diffusion:
             _diffusion_section(gr)
 
@@ -322,7 +321,9 @@ def build_app(bench: Workbench, *, diffusion: bool = False) -> Any:
         method.change(on_method, method, [method_doc, *widgets], api_name="select_method").then(**preview_args)
         app.load(on_method, method, [method_doc, *widgets], api_visibility="private").then(**preview_args)
         prompt.submit(set_prompt, prompt, None, api_name="set_prompt").then(**preview_args)
-        uploads.upload(on_upload, uploads, [*sliders, upload_status], api_name="upload")
+        uploaded = uploads.upload(on_upload, uploads, [*sliders, upload_status], api_name="upload")
+        if refresh_fusion is not None:
+            uploaded.then(**refresh_fusion)  # the fusion section's dropdowns list the new adapter
         full_button.click(on_full, inputs, full_scores, api_name="full_evaluation")
         export_button.click(on_export, [*inputs[:-1], fmt, advanced], exported, api_name="export")
     return app
