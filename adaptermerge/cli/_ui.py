@@ -21,7 +21,7 @@ __all__ = ["COMMANDS"]
     "adapters_dir",
     type=click.Path(exists=True, file_okay=False),
     default=None,
-    help="Folder of adapters to offer (the only folder the app reads); the demo's adapters by default.",
+    help="Folder of adapters to offer (the only folder the app reads); the embedded bench's (--suite) by default.",
 )
 @click.option(
     "--steps", type=click.IntRange(min=1), default=20, show_default=True, help="Denoising steps of an image preview."
