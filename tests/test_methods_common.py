@@ -29,8 +29,12 @@ IDENTITY = {
     "dare_linear": ({"density": 1.0}, "nothing is dropped, the rescale is 1"),
     "dare_ties": ({"density": 1.0}, "nothing is dropped and a lone task agrees with its own sign"),
     "knots": ({"density": 1.0}, "the alignment is exact and TIES at full density returns a lone task"),
+    "star": ({"eta": 100}, "every singular value is kept, so the rescale is 1"),
 }
-NOT_IDENTITY = {"iso_c": "it replaces the singular values by their mean"}
+NOT_IDENTITY = {
+    "iso_c": "it replaces the singular values by their mean",
+    "iso_cts": "it replaces the singular values by their mean",
+}
 EQUAL_RANKS_ONLY = {"copa": "it pairs rank j of every adapter with rank j of the others"}
 
 SHAPES = {"q": (12, 10), "v": (12, 10), "o": (10, 12)}

@@ -300,6 +300,9 @@ def test_mixed_ranks_and_partial_module_overlap_through_merge_adapters():
         ("knots", {"density": -0.1}),
         ("svd", {"rank": 0}),
         ("tsv", {"density": 0.5}),
+        ("iso_cts", {"common_space_fraction": 0.0}),
+        ("star", {"eta": 0}),
+        ("star", {"eta": 120}),
     ],
 )
 def test_out_of_range_or_unknown_parameters_are_refused(method, params):
