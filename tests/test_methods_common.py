@@ -27,7 +27,10 @@ IDENTITY = {
     "ties": ({"density": 1.0}, "nothing is trimmed and a lone task always agrees with its own sign"),
     "magnitude_prune": ({"density": 1.0}, "nothing is pruned"),
     "dare_linear": ({"density": 1.0}, "nothing is dropped, the rescale is 1"),
-    "dare_ties": ({"density": 1.0}, "nothing is dropped and a lone task agrees with its own sign"),
+    "dare_ties": (
+        {"density": 1.0, "trim_density": 1.0},
+        "nothing is dropped or trimmed and a lone task agrees with its own sign",
+    ),
     "knots": ({"density": 1.0}, "the alignment is exact and TIES at full density returns a lone task"),
     "star": ({"eta": 100}, "every singular value is kept, so the rescale is 1"),
 }

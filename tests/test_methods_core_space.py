@@ -115,7 +115,8 @@ def dense_reference(method: str, updates, weights, **params) -> np.ndarray:
     elif method == "dare_linear":
         merged = (ref_dare_drop(cores, density, params.get("seed", 0), updates) * w).sum(0)
     elif method == "dare_ties":
-        merged = ref_disjoint(ref_dare_drop(cores, density, params.get("seed", 0), updates), weights, sign)
+        dropped = ref_dare_drop(cores, density, params.get("seed", 0), updates)
+        merged = ref_disjoint(ref_prune_magnitude(dropped, params.get("trim_density", 0.2)), weights, sign)
     elif method == "tsv":
         parts = [np.linalg.svd(wt * c, full_matrices=False) for wt, c in zip(weights, cores)]
         width = min(cores.shape[1:])
@@ -151,6 +152,7 @@ CASES = [
     ("dare_linear", {"density": 0.6, "seed": 3}),
     ("dare_ties", {"density": 0.4, "seed": 7}),
     ("dare_ties", {"density": 0.7, "seed": 1, "majority_sign_method": "frequency"}),
+    ("dare_ties", {"density": 0.6, "seed": 2, "trim_density": 1.0}),
     ("svd", {}),
     ("svd", {"rank": 3}),
     ("tsv", {}),
@@ -297,6 +299,7 @@ def test_mixed_ranks_and_partial_module_overlap_through_merge_adapters():
         ("ties", {"density": 1.5}),
         ("ties", {"majority_sign_method": "sum"}),
         ("dare_ties", {"seed": 1.5}),
+        ("dare_ties", {"trim_density": 0.0}),
         ("knots", {"density": -0.1}),
         ("svd", {"rank": 0}),
         ("tsv", {"density": 0.5}),

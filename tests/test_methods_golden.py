@@ -267,3 +267,20 @@ def test_iso_cts_matches_the_reference_for_random_ranks(ranks, fraction, seed):
     reference = ref_iso_cts([w * u.to_dense() for w, u in zip(weights, updates)], fraction, width=sum(ranks))
     merged = ours("iso_cts", updates, weights, common_space_fraction=fraction)
     torch.testing.assert_close(merged, reference, rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("ranks", [EQUAL, MIXED], ids=["equal", "mixed"])
+def test_dare_ties_is_the_references_dare_then_ties(ranks):
+    """The reference's `dare-ties`: drop and rescale core entries, then its full TIES (top-k trim included). The
+    random draws are ours (`dare_generator`; the reference draws with its own RNG), the rest is the port; the trim
+    density is shifted to keep the reference's `int(d K) + 1` entries."""
+    from adaptermerge.methods.sparsify import dare_generator
+
+    updates = updates_of(ranks, seed=4)
+    U_B, cores, Vh_A = ref_core_space(updates)
+    keep = torch.rand((3, *cores[0].shape), generator=dare_generator(2, updates), dtype=torch.float64) < 0.7
+    dropped = [core * mask / 0.7 for core, mask in zip(cores, keep)]
+    reference = ALPHA * (U_B @ ref_ties(dropped, 0.3) @ Vh_A)
+    trim = (int(0.3 * sum(ranks) ** 2) + 1.5) / sum(ranks) ** 2
+    merged = ours("dare_ties", updates, [ALPHA] * 3, density=0.7, seed=2, trim_density=trim)
+    assert relative(merged, reference) < TOL

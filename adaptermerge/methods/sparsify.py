@@ -107,11 +107,13 @@ def dare_ties_merge(
     *,
     density: float,
     generator: torch.Generator,
+    trim_density: float = 1.0,
     majority_sign_method: SignMethod = "total",
 ) -> torch.Tensor:
-    """DARE then TIES' sign election and disjoint mean of the weighted entries."""
+    """DARE, then TIES on the dropped and rescaled tensors: magnitude trim to `trim_density`, sign election, disjoint
+    mean of the weighted entries (`trim_density = 1` skips the trim, as peft's `dare_ties`)."""
     dropped = prune_random(tensors, density, generator)
-    return disjoint_merge(dropped * weights, majority_sign_mask(dropped, majority_sign_method))
+    return ties_merge(dropped, weights, density=trim_density, majority_sign_method=majority_sign_method)
 
 
 def dare_generator(seed: int, updates: Sequence[LowRank]) -> torch.Generator:
@@ -196,12 +198,19 @@ class DareLinearParams:
 
 @dataclass(frozen=True)
 class DareTiesParams(DareLinearParams):
-    """Parameters of `dare_ties`: those of `dare_linear` plus TIES' sign election."""
+    """Parameters of `dare_ties`: those of `dare_linear` plus TIES' magnitude trim and sign election."""
 
+    trim_density: float = field(
+        default=0.2,
+        metadata={
+            "help": "dare_ties: fraction of each dropped core's entries TIES then keeps by magnitude (default 0.2)."
+        },
+    )
     majority_sign_method: SignMethod = sign_field()
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_density(self.trim_density)
         check_sign_method(self.majority_sign_method)
 
 
@@ -251,10 +260,16 @@ def magnitude_prune(updates: Sequence[LowRank], weights: Sequence[float], params
 
 @register_method("dare_linear", params=DareLinearParams, pretty_name="DARE (in Core Space)", reference_url=DARE_URL)
 def dare_linear(updates: Sequence[LowRank], weights: Sequence[float], params: DareLinearParams) -> LowRank:
-    """DARE on the Core Space cores: random drop with rescale, then the weighted sum (peft's `dare_linear`).
+    """DARE on the `R × R` Core Space cores, not on ΔW: drop core entries at random, rescale, weighted sum.
 
     Yu et al., "Language Models are Super Mario: Absorbing Abilities from Homologous Models as a Free Lunch"
-    (ICML 2024), https://arxiv.org/abs/2311.03099, applied to the cores of https://arxiv.org/abs/2509.17786.
+    (ICML 2024), https://arxiv.org/abs/2311.03099, applied to the cores of https://arxiv.org/abs/2509.17786 as the
+    Core Space code does. What that means: the paper drops entries of the dense `ΔW` (`out · in` of them), whose
+    error spreads over the whole space and mostly misses the inputs the adapters act on; here the entries dropped are
+    those of each task's core (`R²`), so the result stays in the adapters' span and keeps the exact sum in
+    expectation, but all of its error lies inside that span. On inputs in the row space of the `A`s the output error
+    is about 3× dense DARE's at every density (256 × 192, three rank-8 updates): about 100 % of the update at
+    density 0.5, 50 % at 0.8, 34 % at 0.9.
 
     Args:
         density (`float`, defaults to `0.5`): probability of keeping each core entry (`1 - p` in the paper).
@@ -270,14 +285,17 @@ def dare_linear(updates: Sequence[LowRank], weights: Sequence[float], params: Da
 
 @register_method("dare_ties", params=DareTiesParams, pretty_name="DARE-TIES (in Core Space)", reference_url=DARE_URL)
 def dare_ties(updates: Sequence[LowRank], weights: Sequence[float], params: DareTiesParams) -> LowRank:
-    """DARE's random drop with rescale, then TIES' sign election and disjoint mean, on the Core Space cores.
+    """DARE's random drop of core entries with rescale, then TIES (trim, sign election, disjoint mean) on the cores.
 
     Yu et al. (https://arxiv.org/abs/2311.03099) combined with Yadav et al. (https://arxiv.org/abs/2306.01708) as
-    peft's `dare_ties` does, applied to the cores of https://arxiv.org/abs/2509.17786.
+    the Core Space code's `dare-ties` does (DARE, then its full TIES with a top-k trim), on the cores of
+    https://arxiv.org/abs/2509.17786; `trim_density=1` leaves out the trim, which is peft's `dare_ties`. The drop
+    acts on core entries, not on ΔW: see `dare_linear`.
 
     Args:
         density (`float`, defaults to `0.5`): probability of keeping each core entry.
         seed (`int`, defaults to `0`): seed of the masks (combined with a digest of each module's factors).
+        trim_density (`float`, defaults to `0.2`): fraction of each dropped core's entries kept by magnitude.
         majority_sign_method (`"total"` or `"frequency"`, defaults to `"total"`): how each entry's sign is elected.
         rank (`int`, *optional*): truncate the result to this rank.
     """
@@ -288,6 +306,7 @@ def dare_ties(updates: Sequence[LowRank], weights: Sequence[float], params: Dare
         weight_vector(weights, cores),
         density=params.density,
         generator=generator,
+        trim_density=params.trim_density,
         majority_sign_method=params.majority_sign_method,
     )
     return space.to_lowrank(merged, rank=params.rank)
