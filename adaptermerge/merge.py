@@ -138,14 +138,25 @@ def merge_adapters(
     method_params = merge_method.make_params(params)
     loaded = load_adapters(adapters, allow_pickle=allow_pickle)
     resolvers = check_weights(weights, len(loaded))
+    out_dtype = dtype or loaded[0].metadata.dtype
+    provenance = {
+        "method": method,
+        "params": dataclasses.asdict(method_params),
+        "weights": [r.spec for r in resolvers],
+        "rank": rank,
+        "sources": [a.metadata.source or a.name for a in loaded],
+    }
     if not merge_method.per_module:
         if any(r.uniform is None for r in resolvers):
             raise InvalidParameterError(f"method {method!r} takes one number per adapter, not per-module weights")
-        return merge_method.fn(loaded, [r.uniform for r in resolvers], method_params)
+        result = merge_method.fn(loaded, [r.uniform for r in resolvers], method_params)
+        if not isinstance(result, Mapping):  # a result of its own kind (rmm's bundle)
+            return result
+        merged = {module: update.to(out_dtype) for module, update in result.items()}
+        return _merged_adapter(merged, loaded[0].metadata, provenance, out_dtype, adapter_name)
 
     modules = module_union(loaded)
     check_compatible(loaded, modules)
-    out_dtype = dtype or loaded[0].metadata.dtype
     base_weights = base if base is None or isinstance(base, Mapping) else BaseWeights(base)
 
     def merge_module(module: str) -> LowRank | None:
@@ -185,19 +196,18 @@ def merge_adapters(
                     _release_freed_memory()
     finally:
         torch.set_num_threads(threads)
-    provenance = {
-        "method": method,
-        "params": dataclasses.asdict(method_params),
-        "weights": [r.spec for r in resolvers],
-        "rank": rank,
-        "sources": [a.metadata.source or a.name for a in loaded],
-    }
-    first = loaded[0].metadata
+    return _merged_adapter(merged, loaded[0].metadata, provenance, out_dtype, adapter_name)
+
+
+def _merged_adapter(
+    merged: dict[str, LowRank], first: AdapterMetadata, provenance: dict[str, Any], dtype: torch.dtype, name: str
+) -> Adapter:
+    """The merged modules as an adapter with the first input's metadata and the merge's provenance."""
     metadata = AdapterMetadata(
         base_model=first.base_model,
         format=first.format,
         source=None,
-        dtype=out_dtype,
+        dtype=dtype,
         extra={**first.extra, "provenance": provenance},
     )
-    return Adapter(merged, metadata, adapter_name)
+    return Adapter(merged, metadata, name)

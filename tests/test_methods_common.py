@@ -38,6 +38,7 @@ NOT_IDENTITY = {
     "iso_c": "it replaces the singular values by their mean",
     "iso_cts": "it replaces the singular values by their mean",
 }
+GLOBAL_MASK = {"knots": "its top-k is one per task over all of the task's modules, so the others' entries count"}
 EQUAL_RANKS_ONLY = {"copa": "it pairs rank j of every adapter with rank j of the others"}
 
 SHAPES = {"q": (12, 10), "v": (12, 10), "o": (10, 12)}
@@ -124,6 +125,8 @@ def test_input_dtype_is_kept(method, dtype):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_module_of_one_adapter_is_merged_from_that_adapter_alone(method):
+    if method in GLOBAL_MASK:
+        pytest.skip(GLOBAL_MASK[method])
     inputs = adapters(method, torch.float64)
     merged = merged_adapter(inputs, [1.0, 1.0, 1.0], method)
     alone = merged_adapter([inputs[2]], [1.0], method)

@@ -284,3 +284,57 @@ def test_dare_ties_is_the_references_dare_then_ties(ranks):
     trim = (int(0.3 * sum(ranks) ** 2) + 1.5) / sum(ranks) ** 2
     merged = ours("dare_ties", updates, [ALPHA] * 3, density=0.7, seed=2, trim_density=trim)
     assert relative(merged, reference) < TOL
+
+
+# KnOTS reference (gstoica27/KnOTS: SVDMerger.apply_svd, ties_masking, masked_merge 'mean'), on dense task matrices of
+# several modules: per module the SVD of the tasks side by side, each task's `diag(s) V_t` flattened over all modules
+# into one vector, the TIES mask over those vectors, the masked mean, and `U @ merged` per module.
+
+
+def ref_knots(
+    tasks_per_module: dict[str, list[torch.Tensor]], alpha: float, percent: float
+) -> dict[str, torch.Tensor]:
+    bases, representations = {}, {}
+    for module, tasks in sorted(tasks_per_module.items()):
+        u, s, vh = torch.linalg.svd(torch.cat(tasks, dim=1), full_matrices=False)
+        support = s > 1e-5
+        bases[module] = u[:, support]
+        blocks = torch.split(vh[support], tasks[0].shape[1], dim=1)
+        representations[module] = [torch.diag(s[support]) @ block for block in blocks]
+    modules = sorted(representations)
+    vectors = torch.stack(
+        [
+            torch.cat([representations[m][t].flatten() for m in modules])
+            for t in range(len(tasks_per_module[modules[0]]))
+        ]
+    )
+    pruned = ref_topk_values_mask(vectors, percent)
+    sign = pruned.sum(dim=0).sign()
+    sign[sign == 0] = sign.sum().sign()
+    masked = alpha * pruned * torch.where(sign > 0, pruned > 0, pruned < 0)
+    merged = masked.sum(dim=0) / (masked != 0).sum(dim=0).clamp(min=1)
+    out, offset = {}, 0
+    for m in modules:
+        shape = representations[m][0].shape
+        out[m] = bases[m] @ merged[offset : offset + shape.numel()].reshape(shape)
+        offset += shape.numel()
+    return out
+
+
+@pytest.mark.parametrize("ranks", [EQUAL, MIXED], ids=["equal", "mixed"])
+@pytest.mark.parametrize("density", [0.2, 0.5, 1.0])
+def test_knots_matches_the_reference_with_one_global_mask(ranks, density):
+    """Three modules of different shapes; the top-k is one per task over all of them. The density is shifted to keep
+    the reference's `int(d K) + 1` entries (see `ties`)."""
+    from adaptermerge import merge_adapters
+    from tests.factories import make_adapter
+
+    shapes = {"q": (30, 26), "o": (26, 30), "up": (40, 26)}
+    adapters = [make_adapter(shapes, r, seed=s, dtype=torch.float64, name=f"t{s}") for s, r in enumerate(ranks)]
+    tasks = {m: [a[m].to_dense() for a in adapters] for m in shapes}
+    d = sum(min(sum(ranks), out) * in_ for out, in_ in shapes.values())  # entries of one task's representations
+    same_count = density if density == 1.0 else (int(density * d) + 1.5) / d
+    merged = merge_adapters(adapters, [ALPHA] * 3, "knots", density=same_count)
+    reference = ref_knots(tasks, ALPHA, density)
+    for module in shapes:
+        assert relative(merged[module].to_dense(), reference[module]) < TOL, module
