@@ -58,14 +58,16 @@ def show_bundle(path: str, *, as_json: bool) -> None:
         f"{len(info['tasks'])} separate adapters {info['separate_parameters']:,} parameters "
         f"({info['separate_bytes']:,} bytes): ratio {info['size_ratio']:.3f}"
     )
-    table = Table("module", "shape", "task ranks", "basis kept", "core", "parameters", "separate", "rel. error²")
+    table = Table(
+        "module", "shape", "task ranks", "basis kept", "basis rank", "parameters", "separate", "rel. error² (factors)"
+    )
     for m in info["per_module"]:
         table.add_row(
             m["module"],
             "×".join(map(str, m["shape"])),
             ",".join(map(str, m["task_ranks"])),
             str(m["basis_kept"]),
-            "×".join(map(str, m["core_shape"])),
+            str(m["basis_rank"]),
             f"{m['parameters']:,}",
             f"{m['separate_parameters']:,}",
             f"{m['relative_residual']:.3g}",
