@@ -21,15 +21,6 @@ from tests.factories import random_lowrank
 TOL = 1e-9
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: OpenMP threads only add waiting on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def updates_of(ranks, out_features: int = 30, in_features: int = 26, seed: int = 0) -> list[LowRank]:
     return [
         random_lowrank(out_features, in_features, r, seed=seed * 100 + t, dtype=torch.float64)
