@@ -1,11 +1,12 @@
-"""A reversible bundle: `k` basis adapters per module and per-task coefficients, from which every task comes back.
+"""A reversible bundle: per module, a basis of each factor and per-task coefficients, from which every task comes back.
 
-Made by the `rmm` method (:mod:`adaptermerge.methods.rmm`). Per module the bundle holds `k` basis factors
-`E^B_j` `(out, r)` and `E^A_j` `(r, in)` and two `(T, k)` coefficient matrices, so that task `t`'s factors are
-recovered as `B̂_t = Σ_j c^B_tj E^B_j` and `Â_t = Σ_j c^A_tj E^A_j`, and any weighted merge is the concatenation of
-the recovered `w_t B̂_t Â_t`, without building an `out × in` matrix.
+Made by the `rmm` method (:mod:`adaptermerge.methods.rmm`). Per module and factor the bundle holds, for every
+position `p` (a row of `B`, a column of `A`), a basis `W_p` (`r × k`) and coefficients `C_p` (`k × T`, or one `C`
+shared by every position), so that task `t`'s factors are recovered row by row (column by column) as
+`W_p C_p[:, t]`, and any weighted merge is the concatenation of the recovered `w_t B̂_t Â_t`, without building an
+`out × in` matrix.
 
-On disk a bundle is one directory: `rmm_bundle.safetensors` (the tensors, keyed `<module>.<name>`) and
+On disk a bundle is one directory: `rmm_bundle.safetensors` (the tensors, keyed `<module>.<B|A>_<name>`) and
 `rmm_bundle.json` (the manifest: task names, default weights, per-module shapes and task ranks, provenance),
 written atomically.
 """
@@ -27,14 +28,38 @@ from .errors import AdapterFormatError, InvalidParameterError
 from .io._write import atomic_path, save_tensors
 from .lowrank import COMPUTE_DTYPE, LowRank, concat, truncate
 
-__all__ = ["BundleModule", "ReversibleBundle", "is_bundle", "load_bundle"]
+__all__ = ["BundleModule", "FactorBasis", "ReversibleBundle", "is_bundle", "load_bundle"]
 
 MANIFEST_NAME = "rmm_bundle.json"
 TENSORS_NAME = "rmm_bundle.safetensors"
 FORMAT_TAG = "adaptermerge.rmm_bundle"
 FORMAT_VERSION = 2
-_TENSOR_FIELDS = ("B_basis", "A_basis", "B_coefficients", "A_coefficients", "B_eigenvalues", "A_eigenvalues")
+_TENSOR_FIELDS = ("basis", "coefficients", "residual")
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
+
+
+@dataclass(frozen=True)
+class FactorBasis:
+    """One factor of one module: position `p`'s vector of task `t` is `basis[p] @ coefficients[p or 0][:, t]`.
+
+    Args:
+        basis (`torch.Tensor` of shape `(P, r, k)`): per position, `k` basis vectors of length `r`.
+        coefficients (`torch.Tensor` of shape `(P, k, T)` or `(1, k, T)`): per position, or shared by all.
+        residual (`torch.Tensor`, 0-d): the squared error of the recovered factor over its squared norm, all tasks.
+    """
+
+    basis: torch.Tensor
+    coefficients: torch.Tensor
+    residual: torch.Tensor
+
+    def vectors(self, task: int) -> torch.Tensor:
+        """Task `task`'s `(P, r)` vectors, in float64."""
+        coefficients = self.coefficients[:, :, task].to(COMPUTE_DTYPE)
+        return (self.basis.to(COMPUTE_DTYPE) * coefficients[:, None, :]).sum(dim=-1)
+
+    @property
+    def num_parameters(self) -> int:
+        return self.basis.numel() + self.coefficients.numel()
 
 
 @dataclass(frozen=True)
@@ -42,43 +67,32 @@ class BundleModule:
     """One module of a bundle.
 
     Args:
-        B_basis (`torch.Tensor` of shape `(k, out, r)`): the basis of the tasks' `B`s (zero-padded to rank `r`).
-        A_basis (`torch.Tensor` of shape `(k, r, in)`): the basis of the tasks' `A`s.
-        B_coefficients (`torch.Tensor` of shape `(T, k)`): task `t`'s `B` is `Σ_j B_coefficients[t, j] B_basis[j]`.
-        A_coefficients (`torch.Tensor` of shape `(T, k)`): likewise for `A`.
-        B_eigenvalues (`torch.Tensor` of shape `(T_m,)`): the Gram eigenvalues of the present tasks' `B`s,
-            descending; those past the `k` kept sum to the squared error of the recovered `B`s.
-        A_eigenvalues (`torch.Tensor` of shape `(T_m,)`): likewise for `A`.
+        B (`FactorBasis`): the rows of the tasks' `B`s (positions: `out`), zero-padded to the largest rank `r`.
+        A (`FactorBasis`): the columns of the tasks' `A`s (positions: `in`).
         ranks (`tuple[int, ...]`): each task's input rank in this module, `0` where the task lacks the module.
         kernel_size (`tuple[int, ...]`): the conv kernel size, `()` for linear layers.
     """
 
-    B_basis: torch.Tensor
-    A_basis: torch.Tensor
-    B_coefficients: torch.Tensor
-    A_coefficients: torch.Tensor
-    B_eigenvalues: torch.Tensor
-    A_eigenvalues: torch.Tensor
+    B: FactorBasis
+    A: FactorBasis
     ranks: tuple[int, ...]
     kernel_size: tuple[int, ...] = ()
 
     def factors(self, task: int) -> LowRank:
         """Task `task`'s recovered update `B̂ Â`, at the padded rank `r`, in float64."""
-        B = torch.einsum("j,jor->or", self.B_coefficients[task].to(COMPUTE_DTYPE), self.B_basis.to(COMPUTE_DTYPE))
-        A = torch.einsum("j,jri->ri", self.A_coefficients[task].to(COMPUTE_DTYPE), self.A_basis.to(COMPUTE_DTYPE))
-        return LowRank(A, B, self.kernel_size)
+        return LowRank(self.A.vectors(task).T.contiguous(), self.B.vectors(task), self.kernel_size)
 
     @property
     def basis_kept(self) -> int:
-        return max(self.B_basis.shape[0], self.A_basis.shape[0])
+        return max(self.B.basis.shape[2], self.A.basis.shape[2])
 
     @property
     def shape(self) -> tuple[int, int]:
-        return (self.B_basis.shape[1], self.A_basis.shape[2])
+        return (self.B.basis.shape[0], self.A.basis.shape[0])
 
     @property
     def num_parameters(self) -> int:
-        return sum(getattr(self, name).numel() for name in _TENSOR_FIELDS[:4])
+        return self.B.num_parameters + self.A.num_parameters
 
     @property
     def separate_parameters(self) -> int:
@@ -87,16 +101,8 @@ class BundleModule:
 
     @property
     def relative_residual(self) -> float:
-        """The squared error of the recovered factors over their squared norm, the mean of `B`'s and `A`'s (from the
-        Gram spectra: the eigenvalues not kept over all of them)."""
-        shares = []
-        for eigenvalues, kept in (
-            (self.B_eigenvalues, self.B_basis.shape[0]),
-            (self.A_eigenvalues, self.A_basis.shape[0]),
-        ):
-            total = float(eigenvalues.clamp_min(0).sum())
-            shares.append(float(eigenvalues[kept:].clamp_min(0).sum()) / total if total > 0 else 0.0)
-        return sum(shares) / 2
+        """The mean over `B` and `A` of the relative squared error of the recovered factor."""
+        return (float(self.B.residual) + float(self.A.residual)) / 2
 
 
 @dataclass(frozen=True)
@@ -200,9 +206,7 @@ class ReversibleBundle:
         bundle = sum(m.num_parameters for m in self.modules.values())
         separate = sum(m.separate_parameters for m in self.modules.values())
         itemsize = self.metadata.dtype.itemsize
-        coefficients = sum(m.B_coefficients.numel() + m.A_coefficients.numel() for m in self.modules.values())
-        bundle_bytes = (bundle - coefficients) * itemsize + coefficients * COMPUTE_DTYPE.itemsize
-        separate_bytes = separate * itemsize
+        bundle_bytes, separate_bytes = bundle * itemsize, separate * itemsize
         per_module = []
         for name, m in self.modules.items():
             per_module.append(
@@ -211,7 +215,7 @@ class ReversibleBundle:
                     "shape": list(m.shape),
                     "task_ranks": list(m.ranks),
                     "basis_kept": m.basis_kept,
-                    "basis_rank": m.B_basis.shape[2],
+                    "basis_rank": m.B.basis.shape[1],
                     "parameters": m.num_parameters,
                     "separate_parameters": m.separate_parameters,
                     "relative_residual": m.relative_residual,
@@ -239,9 +243,10 @@ class ReversibleBundle:
         dtype = self.metadata.dtype
         tensors, modules = {}, {}
         for name, m in self.modules.items():
-            for field_name in _TENSOR_FIELDS:
-                kept_dtype = dtype if field_name.endswith("_basis") else COMPUTE_DTYPE
-                tensors[f"{name}.{field_name}"] = getattr(m, field_name).to(kept_dtype)
+            for side in ("B", "A"):
+                for field_name in _TENSOR_FIELDS:
+                    kept_dtype = COMPUTE_DTYPE if field_name == "residual" else dtype
+                    tensors[f"{name}.{side}_{field_name}"] = getattr(getattr(m, side), field_name).to(kept_dtype)
             modules[name] = {"shape": list(m.shape), "kernel_size": list(m.kernel_size), "ranks": list(m.ranks)}
         manifest = {
             "format": FORMAT_TAG,
@@ -284,7 +289,7 @@ class ReversibleBundle:
             tensors = load_file(str(path / TENSORS_NAME))
             modules = {
                 name: BundleModule(
-                    *(tensors[f"{name}.{f}"] for f in _TENSOR_FIELDS),
+                    *(FactorBasis(*(tensors[f"{name}.{side}_{f}"] for f in _TENSOR_FIELDS)) for side in ("B", "A")),
                     ranks=tuple(entry["ranks"]),
                     kernel_size=tuple(entry["kernel_size"]),
                 )

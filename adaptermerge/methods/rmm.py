@@ -1,29 +1,25 @@
-"""RMM: a reversible merge, `k` basis adapters per module from which every task's factors are recovered.
+"""RMM: a reversible merge, a compact basis per module from which every task's factors are recovered.
 
 After Alipour & Amiri, "Towards Reversible Model Merging For Low-rank Weights", 2025,
 https://arxiv.org/abs/2510.14163: instead of one merged adapter, keep a compact basis, "an equivalent of holding
 k models", and per-task coefficients, chosen in closed form and without data, so that each task comes back as a
-linear combination of the basis. The paper works on the factors, position by position (each row of `B` and each
-column of `A` across the tasks); its closed form could not be read (see the project's research notes). Of the two
-closed forms that fit the text, `rmm` implements the one whose bundle is the size of `k` adapters: one set of
-coefficients per module and factor, shared by every position.
+linear combination. The paper works on the factors, position by position: for a row `p` of `B` (or a column `q`
+of `A`), the `r`-vectors of the `T` tasks form `X_p` (`r × T`). Its closed form could not be read (see the project's
+research notes); two readings fit the text, both uncentred Eckart–Young solutions on the factors, zero-padded to
+the module's largest rank `r` (padding changes no update):
 
-Per module, with the tasks' factors zero-padded to the largest rank `r` (padding changes no update), flatten each
-task's `B_t` into a row of `F_B` (`T × out·r`); the uncentred Eckart–Young solution of
+- `coefficients="position"` (default): per position, `X_p ≈ W_p C_p` with `W_p` the top-`k` left singular vectors
+  of `X_p` (`r × k`) and `C_p = W_pᵀ X_p` (`k × T`). Stores `k · (r + T)` numbers per position,
+  `(out + in) · k · (r + T)` per module: smaller than the separate adapters (`(out + in) · Σ r_t`) when
+  `k < r T / (r + T)`, e.g. `k < 3.2` for four rank-16 LoRAs; exact once `k ≥ min(r, T)`.
+- `coefficients="layer"`: one `C` (`k × T`) per module and factor, shared by every position: the top-`k`
+  eigenvectors of the `T × T` Gram of the flattened factors, basis `W_p = X_p Cᵀ`, i.e. `k` basis adapters.
+  Stores `k · r · (out + in) + 2 k T`: smaller than the adapters for every `k < T`, exact at `k = T`.
 
-    minimise  Σ_t ‖B_t − Σ_{j≤k} c_tj E_j‖²_F
-
-is the top-`k` eigenvectors `V` of the `T × T` Gram `F_B F_Bᵀ` (descending, sign-fixed): basis `E_j = Σ_t V_tj B_t`,
-coefficients `c_t = V_t`, error the sum of the discarded eigenvalues; the same for `A`. Task `t` comes back as
-`(Σ_j c^B_tj E^B_j)(Σ_j c^A_tj E^A_j)`, exactly at `k = T`. The bundle stores `k · r · (out + in)` numbers per module
-plus `2 · T · k` coefficients: smaller than the separate adapters (`Σ_t r_t · (out + in)`) whenever `k < T` and
-the ranks are equal.
-
-Like the paper's method, it acts on the raw factors: two adapters with the same update factored differently
-(`B G`, `G⁻¹ A`) give different bases. The other reading (an independent basis per position) stores
-`k · (r + T)` numbers per position, more than the adapters once `k ≥ T r / (r + T)`; a `ΔW`-level variant
-(a Gram of whole updates, the previous `rmm`) recovered 0.50 of each task's accuracy on average on the digits suite
-at `k = T / 2`, against 0.94 for a factor reading, and stored more than the adapters, so neither is offered.
+Measured with `adaptermerge bench quality` (recovery of each task at `k = T / 2`): see the README. Like the
+paper's method, both act on the raw factors: two adapters with the same update factored differently (`B G`,
+`G⁻¹ A`) give different bases. The earlier `rmm` (a Gram of whole updates `ΔW`) stored more than the adapters and
+recovered less, so it is not offered.
 """
 
 from __future__ import annotations
@@ -31,18 +27,20 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
 from ..adapter import Adapter, AdapterMetadata, check_compatible, module_union
-from ..bundle import BundleModule, ReversibleBundle
+from ..bundle import BundleModule, FactorBasis, ReversibleBundle
 from ..errors import IncompatibleAdaptersError, InvalidParameterError
-from ..lowrank import COMPUTE_DTYPE, LowRank, pivot_signs
+from ..lowrank import COMPUTE_DTYPE, LowRank
 from ._registry import register_method
 
-__all__ = ["RmmParams", "factor_basis", "rmm", "rmm_module"]
+__all__ = ["RmmParams", "position_basis", "rmm", "rmm_module", "shared_basis"]
 
-_EIGEN_RTOL = 1e-12
+Coefficients = Literal["position", "layer"]
+_RTOL = 1e-12
 
 
 @dataclass(frozen=True)
@@ -50,89 +48,95 @@ class RmmParams:
     """Parameters of `rmm`.
 
     Args:
-        basis_size (`int`, *optional*): `k`, the number of basis adapters kept per module, at most the number of
-            adapters `T`; `min(2, T)` by default ("an equivalent of holding two models", as the paper puts it).
-            `k = T` recovers every task exactly.
+        basis_size (`int`, *optional*): `k`, at most the number of adapters `T`; `min(2, T)` by default ("an
+            equivalent of holding two models", as the paper puts it). `k = T` recovers every task exactly.
+        coefficients (`"position"` or `"layer"`, defaults to `"position"`): a basis and coefficients per position
+            of each factor, or coefficients shared by a module's factor (see the module docstring).
     """
 
     basis_size: int | None = field(
-        default=None, metadata={"help": "RMM: basis adapters kept per module (k ≤ number of adapters; default 2)."}
+        default=None, metadata={"help": "RMM: basis elements kept (k ≤ number of adapters; default 2)."}
+    )
+    coefficients: Coefficients = field(
+        default="position",
+        metadata={"help": "RMM: coefficients per factor position (`position`) or per module (`layer`)."},
     )
 
     def __post_init__(self) -> None:
-        if self.basis_size is not None and self.basis_size < 1:
-            raise ValueError(f"basis_size must be a positive number of basis adapters; got {self.basis_size}")
+        if self.basis_size is not None and (isinstance(self.basis_size, bool) or self.basis_size < 1):
+            raise ValueError(f"basis_size must be a positive number of basis elements; got {self.basis_size}")
+        if self.coefficients not in ("position", "layer"):
+            raise ValueError(f"`coefficients` must be 'position' or 'layer'; got {self.coefficients!r}")
 
 
-def factor_basis(factors: torch.Tensor, basis_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The best `k`-element basis, in Frobenius norm, of the stacked factors `(T, …)`, with uncentred coefficients.
+def position_basis(positions: torch.Tensor, basis_size: int) -> FactorBasis:
+    """Per position `p`, the best rank-`k` approximation `W_p C_p` of `positions[p]` (`r × T`).
+
+    Singular values below `1e-12 · σ_max` of a position are zeroed, so its error stays that of the best rank-`k` fit.
+    """
+    U, S, Vh = torch.linalg.svd(positions.to(COMPUTE_DTYPE), full_matrices=False)
+    keep = min(basis_size, S.shape[1])
+    S = torch.where(S > _RTOL * S[:, :1], S, 0.0)
+    residual = S[:, keep:].pow(2).sum() / S.pow(2).sum().clamp_min(torch.finfo(COMPUTE_DTYPE).tiny)
+    return FactorBasis(U[:, :, :keep], S[:, :keep, None] * Vh[:, :keep], residual)
+
+
+def shared_basis(positions: torch.Tensor, basis_size: int) -> FactorBasis:
+    """One `C` (`k × T`) for every position: the top-`k` eigenvectors of `Σ_p X_pᵀ X_p`, basis `W_p = X_p Cᵀ`.
 
     Eigenvalues below `1e-12 · λ_max` are dropped, so duplicated or zero factors keep fewer than `basis_size`.
-
-    Returns:
-        `(basis, coefficients, eigenvalues)` of shapes `(k', …)`, `(T, k')` and `(T,)` (descending), with
-        `factors[t] ≈ Σ_j coefficients[t, j] basis[j]` and a squared error of the eigenvalues past `k'`.
     """
-    flat = factors.reshape(factors.shape[0], -1).to(COMPUTE_DTYPE)
+    X = positions.to(COMPUTE_DTYPE)
+    flat = X.permute(2, 0, 1).reshape(X.shape[2], -1)
     eigenvalues, vectors = torch.linalg.eigh(flat @ flat.T)
-    eigenvalues, vectors = eigenvalues.flip(0), vectors.flip(1)
-    vectors = vectors * pivot_signs(vectors)
+    eigenvalues, vectors = eigenvalues.flip(0).clamp_min(0), vectors.flip(1)
     top = float(eigenvalues[0]) if eigenvalues.numel() else 0.0
-    keep = min(basis_size, int((eigenvalues > _EIGEN_RTOL * top).sum())) if top > 0 else 0
-    basis = (vectors[:, :keep].T @ flat).reshape(keep, *factors.shape[1:])
-    return basis.to(factors.dtype), vectors[:, :keep], eigenvalues
+    keep = min(basis_size, int((eigenvalues > _RTOL * top).sum())) if top > 0 else 0
+    C = vectors[:, :keep].T
+    residual = eigenvalues[keep:].sum() / eigenvalues.sum().clamp_min(torch.finfo(COMPUTE_DTYPE).tiny)
+    return FactorBasis(X @ C.T, C[None], residual)
 
 
-def rmm_module(updates: Sequence[LowRank], basis_size: int, *, tasks: int, present: Sequence[int]) -> BundleModule:
-    """One module's bundle: a basis for the `B`s and one for the `A`s, zero-padded to the largest rank.
+def rmm_module(
+    updates: Sequence[LowRank], basis_size: int, coefficients: Coefficients, *, tasks: int, present: Sequence[int]
+) -> BundleModule:
+    """One module's bundle: a basis of the rows of the tasks' `B`s and one of the columns of their `A`s.
 
     Args:
         updates (`list[LowRank]`): the updates of the tasks that have the module.
         basis_size (`int`): `k`.
-        tasks (`int`): the number of tasks of the bundle; rows of absent tasks get zero coefficients.
+        coefficients (`"position"` or `"layer"`): which closed form.
+        tasks (`int`): the number of tasks of the bundle; absent tasks get zero coefficients.
         present (`list[int]`): the task index of each update.
     """
     rank = max(update.rank for update in updates)
-    dtype = torch.promote_types(updates[0].dtype, torch.float32)
-    B = torch.zeros(len(updates), updates[0].out_features, rank, dtype=dtype)
-    A = torch.zeros(len(updates), rank, updates[0].A.shape[1], dtype=dtype)
-    for t, update in enumerate(updates):
-        B[t, :, : update.rank] = update.B
-        A[t, : update.rank] = update.A
-    B_basis, B_kept, B_eigenvalues = factor_basis(B, basis_size)
-    A_basis, A_kept, A_eigenvalues = factor_basis(A, basis_size)
-    B_coefficients = torch.zeros(tasks, B_kept.shape[1], dtype=COMPUTE_DTYPE)
-    A_coefficients = torch.zeros(tasks, A_kept.shape[1], dtype=COMPUTE_DTYPE)
-    B_coefficients[list(present)], A_coefficients[list(present)] = B_kept, A_kept
+    first = updates[0]
+    B = torch.zeros(first.out_features, rank, tasks, dtype=COMPUTE_DTYPE)  # position p = row p of every B_t
+    A = torch.zeros(first.A.shape[1], rank, tasks, dtype=COMPUTE_DTYPE)  # position q = column q of every A_t
+    for t, update in zip(present, updates):
+        B[:, : update.rank, t] = update.B.to(COMPUTE_DTYPE)
+        A[:, : update.rank, t] = update.A.T.to(COMPUTE_DTYPE)
+    solve = position_basis if coefficients == "position" else shared_basis
     ranks = [0] * tasks
     for t, update in zip(present, updates):
         ranks[t] = update.rank
-    return BundleModule(
-        B_basis,
-        A_basis,
-        B_coefficients,
-        A_coefficients,
-        B_eigenvalues,
-        A_eigenvalues,
-        tuple(ranks),
-        updates[0].kernel_size,
-    )
+    return BundleModule(solve(B, basis_size), solve(A, basis_size), tuple(ranks), first.kernel_size)
 
 
 @register_method(
     "rmm",
     params=RmmParams,
-    pretty_name="Reversible merge (RMM: k basis adapters + per-task coefficients)",
+    pretty_name="Reversible merge (RMM: a basis of the factors + per-task coefficients)",
     reference_url="https://arxiv.org/abs/2510.14163",
     per_module=False,
 )
 def rmm(adapters: Sequence[Adapter], weights: Sequence[float], params: RmmParams) -> ReversibleBundle:
-    """Build a reversible bundle: per module and factor, `k` basis factors and each task's coefficients.
+    """Build a reversible bundle: per module, a basis of each factor and each task's coefficients.
 
-    Alipour & Amiri (https://arxiv.org/abs/2510.14163), on the factors with coefficients shared by every position
-    of a module's factor (see :mod:`adaptermerge.methods.rmm`). A task missing a module has zero coefficients there.
-    `weights` become the bundle's default weights for :meth:`ReversibleBundle.merge`; they do not change what is
-    stored. The bases keep the adapters' dtype, so stored sizes compare like for like.
+    Alipour & Amiri (https://arxiv.org/abs/2510.14163), on the factors (see :mod:`adaptermerge.methods.rmm` for the
+    two readings). A task missing a module has zero coefficients there. `weights` become the bundle's default
+    weights for :meth:`ReversibleBundle.merge`; they do not change what is stored. Bases and coefficients are saved
+    in the adapters' dtype.
 
     Returns:
         `ReversibleBundle`: save it with `.save(path)`, recover a task with `.recover(name)`, or mix with `.merge(w)`.
@@ -165,7 +169,7 @@ def rmm(adapters: Sequence[Adapter], weights: Sequence[float], params: RmmParams
                     f"adapter {adapters[t].name!r}, module {name!r} is a DoRA module; rmm takes plain LoRA updates"
                 )
             updates.append(update)
-        bundle_modules[name] = rmm_module(updates, k, tasks=T, present=present)
+        bundle_modules[name] = rmm_module(updates, k, params.coefficients, tasks=T, present=present)
     first = adapters[0].metadata
     provenance = {
         "method": "rmm",
