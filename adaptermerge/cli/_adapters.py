@@ -16,6 +16,7 @@ from ..io import load_adapter, save_adapter
 from ..lowrank import norm
 from ..merge import load_adapters, merge_adapters
 from ..methods import list_methods
+from ..methods.advice import TRY_FIRST
 from ..training.orthogonal import check_disjoint
 from ._options import (
     DTYPES,
@@ -187,7 +188,9 @@ def methods() -> None:
     table = Table("method", "what it does", "parameters", "paper")
     for method in list_methods():
         table.add_row(method.name, method.summary, ", ".join(method.param_names) or "-", method.reference_url)
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    console.print(TRY_FIRST)
 
 
 COMMANDS = [merge, inspect, convert, methods]

@@ -185,7 +185,7 @@ class MagnitudePruneParams:
 class DareLinearParams:
     """Parameters of `dare_linear`; `seed` makes the random masks reproducible."""
 
-    density: float = density_field(0.5)
+    density: float = density_field(0.8)
     seed: int = _seed_field()
     rank: int | None = rank_field()
 
@@ -272,7 +272,9 @@ def dare_linear(updates: Sequence[LowRank], weights: Sequence[float], params: Da
     density 0.5, 50 % at 0.8, 34 % at 0.9.
 
     Args:
-        density (`float`, defaults to `0.5`): probability of keeping each core entry (`1 - p` in the paper).
+        density (`float`, defaults to `0.8`): probability of keeping each core entry (`1 - p` in the paper). Chosen
+            from the quality suites: picking among 0.2, 0.5 and 0.8 on validation (both suites, seeds 0-2),
+            `dare_linear` took 0.8 in 4 of 6 runs and `dare_ties` in 6 of 6; neither beat `linear`.
         seed (`int`, defaults to `0`): seed of the masks; each module's generator is seeded from it and a digest of
             the module's factors, so results repeat exactly and do not depend on the order modules are merged in.
         rank (`int`, *optional*): truncate the result to this rank.
@@ -293,7 +295,7 @@ def dare_ties(updates: Sequence[LowRank], weights: Sequence[float], params: Dare
     acts on core entries, not on ΔW: see `dare_linear`.
 
     Args:
-        density (`float`, defaults to `0.5`): probability of keeping each core entry.
+        density (`float`, defaults to `0.8`): probability of keeping each core entry (see `dare_linear`).
         seed (`int`, defaults to `0`): seed of the masks (combined with a digest of each module's factors).
         trim_density (`float`, defaults to `0.2`): fraction of each dropped core's entries kept by magnitude.
         majority_sign_method (`"total"` or `"frequency"`, defaults to `"total"`): how each entry's sign is elected.
