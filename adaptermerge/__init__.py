@@ -18,12 +18,13 @@ __all__ = [
     "load_adapter",
     "load_merged_adapters",
     "merge_adapters",
+    "merge_schedule_callback",
     "patch",
     "save_adapter",
     "set_merge_weights",
 ]
 
-_INTEGRATIONS = ("load_merged_adapters", "patch", "set_merge_weights")
+_INTEGRATIONS = ("load_merged_adapters", "merge_schedule_callback", "patch", "set_merge_weights")
 
 
 def __getattr__(name: str):

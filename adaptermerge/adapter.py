@@ -18,7 +18,8 @@ from .lowrank import LowRank
 
 __all__ = ["Adapter", "AdapterMetadata", "check_compatible", "module_union"]
 
-DIFFUSION_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "prior")
+_TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+DIFFUSION_COMPONENTS = ("unet", "transformer", *_TEXT_ENCODERS, "prior")
 
 
 @dataclass(frozen=True)
@@ -49,11 +50,16 @@ class Adapter(Mapping[str, LowRank]):
             one module's tensors when it is accessed, so merges stream module by module.
         metadata (`AdapterMetadata`): base model, format, source and dtype.
         name (`str`, *optional*): a short name for tables and error messages.
+        side_cars (`Mapping[str, torch.Tensor]`, *optional*): full-rank tensors some trainers save beside the LoRA
+            factors, named `<module>.<kind>`: `diff` (a full weight delta, such as a norm's), `diff_b` (a bias delta;
+            peft's `lora_B.bias`), `diff_m` (Wan's modulation delta). They are small vectors, not low-rank, so every
+            merge method sums them with the adapters' weights, exactly.
     """
 
     modules: Mapping[str, LowRank]
     metadata: AdapterMetadata = field(default_factory=AdapterMetadata)
     name: str = "adapter"
+    side_cars: Mapping[str, torch.Tensor] = field(default_factory=dict)
 
     def __getitem__(self, module: str) -> LowRank:
         return self.modules[module]
@@ -88,7 +94,14 @@ class Adapter(Mapping[str, LowRank]):
 
     def materialize(self) -> Adapter:
         """Read every module now (a lazy adapter stays tied to its file otherwise)."""
-        return replace(self, modules={name: lr for name, lr in self.items()})
+        return replace(
+            self, modules={name: lr for name, lr in self.items()}, side_cars={k: t for k, t in self.side_cars.items()}
+        )
+
+
+def side_car_module(name: str) -> str:
+    """The module a side-car tensor belongs to (`transformer.blocks.0.attn1.to_q.diff_b` → `….to_q`)."""
+    return name.rpartition(".")[0]
 
 
 def module_union(adapters: Sequence[Adapter]) -> list[str]:
@@ -99,9 +112,13 @@ def module_union(adapters: Sequence[Adapter]) -> list[str]:
 def check_compatible(adapters: Sequence[Adapter], modules: Sequence[str] | None = None) -> None:
     """Raise :class:`IncompatibleAdaptersError` if the adapters cannot be merged.
 
-    They must agree on the shape of every module they share, and name the same base model when they name one.
-    Shapes are read from each file's header, so checking a lazy adapter reads no tensor data.
+    They must agree on the shape of every module they share, name the same base model when they name one, and be
+    of one model: two adapters that share no module must at least share a module root (`model`, `unet`,
+    `transformer`, ...), as attention-only and MLP-only adapters of one model do (a pipeline adapter of text encoders
+    only goes with any pipeline adapter). Shapes are read from each file's
+    header, so checking a lazy adapter reads no tensor data.
     """
+    _check_same_model(adapters)
     bases = {a.metadata.base_model for a in adapters if a.metadata.base_model}
     if len(bases) > 1:
         named = ", ".join(f"{a.name}: {a.metadata.base_model}" for a in adapters if a.metadata.base_model)
@@ -119,6 +136,29 @@ def check_compatible(adapters: Sequence[Adapter], modules: Sequence[str] | None 
             raise IncompatibleAdaptersError(
                 f"module {module!r} has different shapes in different adapters ({described}); "
                 "they were trained on different base models or layers"
+            )
+
+
+def _related(roots: set[str], other: set[str]) -> bool:
+    """Whether two adapters' module roots allow one model: a shared root, or a text-encoder-only pipeline adapter."""
+    if roots & other:
+        return True
+    both_pipelines = roots | other <= set(DIFFUSION_COMPONENTS)
+    return both_pipelines and (roots <= set(_TEXT_ENCODERS) or other <= set(_TEXT_ENCODERS))
+
+
+def _check_same_model(adapters: Sequence[Adapter]) -> None:
+    """Refuse two adapters with no module and no module root in common (an LLM LoRA and a UNet LoRA, say)."""
+    roots = [{module.partition(".")[0] for module in adapter} for adapter in adapters]
+    for i, adapter in enumerate(adapters):
+        for j in range(i):
+            other = adapters[j]
+            if _related(roots[i], roots[j]) or not set(adapter).isdisjoint(other):
+                continue
+            raise IncompatibleAdaptersError(
+                f"adapters {other.name!r} and {adapter.name!r} have no module in common and adapt different models "
+                f"({other.name}: {next(iter(other))}, ...; {adapter.name}: {next(iter(adapter))}, ...); "
+                "merge adapters of one base model"
             )
 
 

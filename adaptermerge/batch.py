@@ -55,13 +55,14 @@ class JobResult:
 
 def run_job(job: MergeJob, *, force: bool = False) -> JobResult:
     """Merge and save one job; every error becomes a failed result instead of propagating."""
-    from .io import save_adapter
+    from .io import check_not_input, save_adapter
     from .merge import merge_adapters
 
     start = time.perf_counter()
     try:
         import torch
 
+        check_not_input(job.output, job.adapters)
         merged = merge_adapters(
             list(job.adapters),
             list(job.weights),

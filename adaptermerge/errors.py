@@ -35,8 +35,20 @@ class InvalidParameterError(AdapterMergeError, ValueError):
     """A method parameter or weight is out of range, or an unknown parameter was passed."""
 
 
+class IncompatibleVersionsError(AdapterMergeError, ImportError):
+    """Installed host libraries refuse each other (e.g. a transformers that demands a newer peft)."""
+
+
 class OutputExistsError(AdapterMergeError, FileExistsError):
     """The output path exists and ``overwrite`` was not set."""
+
+
+class OutputPathError(AdapterMergeError, ValueError):
+    """The output path is, contains or lies inside one of the inputs, or a folder stands where a file would go."""
+
+
+class WriteError(AdapterMergeError, OSError):
+    """An output could not be written: no space left on the device, no permission, a read-only file system."""
 
 
 class NotFittedError(AdapterMergeError, ValueError, AttributeError):

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from .adapter import Adapter, module_shape, module_union
 from .batch import Backend, map_tasks
-from .io import load_adapter
+from .io import load_adapter, model_family
 from .io._source import PICKLE_SUFFIXES
 from .io.peft import CONFIG_NAME
 from .lowrank import gram
@@ -47,6 +47,7 @@ class LibraryEntry:
     path: str
     format: str
     base_model: str | None
+    family: str | None
     modules: int
     ranks: tuple[int, ...]
     parameters: int
@@ -114,6 +115,7 @@ def _describe(adapter: Adapter, path: Path, folder: Path) -> LibraryEntry:
         path=str(path.relative_to(folder)),
         format=adapter.metadata.format,
         base_model=adapter.metadata.base_model,
+        family=model_family(adapter),
         modules=len(adapter),
         ranks=tuple(sorted(set(ranks))),
         parameters=parameters,

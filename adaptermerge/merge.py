@@ -12,6 +12,7 @@ import ctypes.util
 import dataclasses
 import functools
 import logging
+import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -22,9 +23,9 @@ import torch
 from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
-from .adapter import Adapter, AdapterMetadata, check_compatible, module_union
-from .errors import IncompatibleAdaptersError, InvalidParameterError
-from .io import load_adapter
+from .adapter import Adapter, AdapterMetadata, check_compatible, module_union, side_car_module
+from .errors import IncompatibleAdaptersError, InvalidParameterError, InvalidTensorError
+from .io import check_same_family, load_adapter
 from .io.base import BaseWeights
 from .lowrank import LowRank, truncate
 from .methods import get_method
@@ -60,11 +61,16 @@ def _release_freed_memory() -> None:
 AdapterLike = Adapter | str | Path
 
 
-def load_adapters(adapters: Sequence[AdapterLike], *, allow_pickle: bool = False) -> list[Adapter]:
+def load_adapters(
+    adapters: Sequence[AdapterLike], *, allow_pickle: bool = False, skip_unknown: bool = False
+) -> list[Adapter]:
     """Adapters as objects: paths and hub ids are read lazily, names made unique for tables and errors."""
     if not adapters:
         raise IncompatibleAdaptersError("no adapters given; pass at least one path, hub id or Adapter")
-    loaded = [a if isinstance(a, Adapter) else load_adapter(a, allow_pickle=allow_pickle) for a in adapters]
+    loaded = [
+        a if isinstance(a, Adapter) else load_adapter(a, allow_pickle=allow_pickle, skip_unknown=skip_unknown)
+        for a in adapters
+    ]
     seen: dict[str, int] = {}
     unique = []
     for adapter in loaded:
@@ -88,6 +94,52 @@ def _check_dora(
         raise IncompatibleAdaptersError(f"{where}: a DoRA merge keeps rank Σ r_t; drop rank (--rank)")
 
 
+def merge_side_cars(
+    adapters: Sequence[Adapter], resolvers: Sequence[Callable[[str], float]], dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """The weighted sum of the adapters' side-car tensors (biases, norm and modulation deltas), under any method.
+
+    Side-cars are full-rank but small (a vector per module), so they are summed exactly, each with its adapter's
+    weight for the module it belongs to; one that only some adapters have counts as zero in the others.
+
+    Raises:
+        IncompatibleAdaptersError: when adapters hold a side-car of one name with different shapes.
+    """
+    merged: dict[str, torch.Tensor] = {}
+    for name in dict.fromkeys(n for adapter in adapters for n in adapter.side_cars):
+        module = side_car_module(name)
+        terms = [(a, resolve(module)) for a, resolve in zip(adapters, resolvers) if name in a.side_cars]
+        tensors = [(a.side_cars[name], weight, a.name) for a, weight in terms if weight != 0.0]
+        if not tensors:
+            continue
+        shapes = {tuple(t.shape): adapter for t, _, adapter in tensors}
+        if len(shapes) > 1:
+            raise IncompatibleAdaptersError(
+                f"side-car tensor {name!r} has different shapes in different adapters ({shapes}); "
+                "they were trained on different base models"
+            )
+        total = sum(weight * t.to(torch.promote_types(t.dtype, torch.float32)) for t, weight, _ in tensors)
+        merged[name] = total.to(dtype)
+    return merged
+
+
+def _cast_finite(result: LowRank, dtype: torch.dtype, module: str) -> LowRank:
+    """`result` in the output dtype, refused when a value is NaN or Inf there, so no such file is ever written."""
+    cast = result.to(dtype)
+    try:
+        cast.check_finite()
+    except InvalidTensorError:
+        largest = max(float(factor.abs().max()) for factor in (result.A, result.B))
+        computed = str(result.dtype).removeprefix("torch.")
+        if math.isfinite(largest):
+            hint = "; write float32 or bfloat16 (--dtype)" if torch.float16 in (dtype, result.dtype) else ""
+            found = f"its largest value is {largest:.4g}, which {str(dtype).removeprefix('torch.')} cannot hold{hint}"
+        else:
+            found = f"it overflowed in {computed} (largest value {largest}); check the weights and the inputs' scales"
+        raise InvalidTensorError(f"merged module {module!r} is not finite: {found}") from None
+    return cast
+
+
 def merge_adapters(
     adapters: Sequence[AdapterLike],
     weights: Sequence[Weight] | None = None,
@@ -100,6 +152,7 @@ def merge_adapters(
     base: str | Path | Mapping[str, torch.Tensor] | None = None,
     num_workers: int | None = None,
     progressbar: bool = False,
+    skip_unknown: bool = False,
     **params: Any,
 ) -> Adapter:
     """Merge adapters into one, on their low-rank factors.
@@ -120,6 +173,8 @@ def merge_adapters(
             `adaptermerge.methods.dora`). Without it, merging DoRA adapters is refused rather than approximated.
         num_workers (`int`, *optional*): threads merging modules side by side; one per core (at most 8) by default.
         progressbar (`bool`, defaults to `False`): show a progress bar over modules.
+        skip_unknown (`bool`, defaults to `False`): merge files that hold keys nothing understands, leaving those
+            modules out (each input lists the keys in `metadata.extra["unused_keys"]`).
         **params: the method's parameters (e.g. `density=0.5`, `majority_sign_method="total"`, `seed=0`).
 
     Returns:
@@ -127,16 +182,20 @@ def merge_adapters(
 
     Raises:
         UnknownMethodError: for an unregistered method.
-        InvalidParameterError: for unknown or out-of-range parameters or weights.
+        InvalidParameterError: for unknown or out-of-range parameters, weights or rank.
+        InvalidTensorError: when a merged module holds NaN or Inf in the output dtype.
         IncompatibleAdaptersError: for adapters of different base models or module shapes, or DoRA adapters
             without `base`, with a method other than `linear`, or with `rank`.
     """
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise InvalidParameterError(f"rank must be a positive integer (the output rank per module); got {rank!r}")
     merge_method = get_method(method)
     takes_rank = "rank" in merge_method.param_names
     if takes_rank and rank is not None:
         params = {**params, "rank": rank}
     method_params = merge_method.make_params(params)
-    loaded = load_adapters(adapters, allow_pickle=allow_pickle)
+    loaded = load_adapters(adapters, allow_pickle=allow_pickle, skip_unknown=skip_unknown)
+    check_same_family(loaded)
     resolvers = check_weights(weights, len(loaded))
     out_dtype = dtype or loaded[0].metadata.dtype
     provenance = {
@@ -145,6 +204,9 @@ def merge_adapters(
         "weights": [r.spec for r in resolvers],
         "rank": rank,
         "sources": [a.metadata.source or a.name for a in loaded],
+        "unused_keys": {
+            a.name: list(a.metadata.extra["unused_keys"]) for a in loaded if "unused_keys" in a.metadata.extra
+        },
     }
     if not merge_method.per_module:
         if any(r.uniform is None for r in resolvers):
@@ -152,8 +214,8 @@ def merge_adapters(
         result = merge_method.fn(loaded, [r.uniform for r in resolvers], method_params)
         if not isinstance(result, Mapping):  # a result of its own kind (rmm's bundle)
             return result
-        merged = {module: update.to(out_dtype) for module, update in result.items()}
-        return _merged_adapter(merged, loaded[0].metadata, provenance, out_dtype, adapter_name)
+        merged = {module: _cast_finite(update, out_dtype, module) for module, update in result.items()}
+        return _merged_adapter(merged, loaded, resolvers, provenance, out_dtype, adapter_name)
 
     modules = module_union(loaded)
     check_compatible(loaded, modules)
@@ -175,7 +237,7 @@ def merge_adapters(
             result = merge_method.fn(updates, [w for _, w in pairs], method_params)
         if rank is not None and not takes_rank and result.rank > rank:
             result = truncate(result, rank)
-        return result.to(out_dtype)
+        return _cast_finite(result, out_dtype, module)
 
     # Modules are independent: a few threads (one torch and one BLAS thread each) keep every core busy on the small
     # per-module decompositions, and each reads its own module only when it starts, so memory stays at a few modules.
@@ -196,18 +258,24 @@ def merge_adapters(
                     _release_freed_memory()
     finally:
         torch.set_num_threads(threads)
-    return _merged_adapter(merged, loaded[0].metadata, provenance, out_dtype, adapter_name)
+    return _merged_adapter(merged, loaded, resolvers, provenance, out_dtype, adapter_name)
 
 
 def _merged_adapter(
-    merged: dict[str, LowRank], first: AdapterMetadata, provenance: dict[str, Any], dtype: torch.dtype, name: str
+    merged: dict[str, LowRank],
+    loaded: list[Adapter],
+    resolvers: list,
+    provenance: dict[str, Any],
+    dtype: torch.dtype,
+    name: str,
 ) -> Adapter:
-    """The merged modules as an adapter with the first input's metadata and the merge's provenance."""
+    """The merged modules as an adapter with the first input's metadata, the merge's provenance and side-cars."""
+    first = loaded[0].metadata
     metadata = AdapterMetadata(
         base_model=first.base_model,
         format=first.format,
         source=None,
         dtype=dtype,
-        extra={**first.extra, "provenance": provenance},
+        extra={**{k: v for k, v in first.extra.items() if k != "unused_keys"}, "provenance": provenance},
     )
-    return Adapter(merged, metadata, name)
+    return Adapter(merged, metadata, name, merge_side_cars(loaded, resolvers, dtype))

@@ -32,7 +32,6 @@ never mistaken for one.
 from __future__ import annotations
 
 import glob as globlib
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,14 +48,14 @@ from pydantic import (
     model_validator,
 )
 
-from .errors import AdapterMergeError, InvalidParameterError, UnknownMethodError
+from .errors import AdapterMergeError, InvalidParameterError, OutputPathError, UnknownMethodError
+from .io import HUB_PREFIX, check_not_input, is_hub_id
 from .methods import get_method
 
 __all__ = ["MergeJob", "Recipe", "RecipeError", "load_recipe"]
 
 RecipeWeight = StrictFloat | StrictInt | dict[str, StrictFloat | StrictInt]
 _GLOB_CHARS = set("*?[")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 class RecipeError(AdapterMergeError, ValueError):
@@ -90,7 +89,7 @@ class AdapterSpec(_Strict):
     @field_validator("hub")
     @classmethod
     def _hub_id(cls, value: str | None) -> str | None:
-        if value is not None and not _HUB_ID.match(value):
+        if value is not None and not is_hub_id(value):
             raise ValueError(f"a hub id looks like owner/name; got {value!r}")
         return value
 
@@ -142,7 +141,7 @@ class MergeJob:
 
     Args:
         name (`str`): the merge's name (for tables and the merged adapter).
-        adapters (`tuple[str, ...]`): absolute local paths or hub ids, in order.
+        adapters (`tuple[str, ...]`): absolute local paths or `hub:owner/name` ids, in order.
         weights (`tuple`): one weight per adapter (a number or a mapping), passed to `merge_adapters` unchanged.
         method (`str`), params (`dict`), rank (`int`, *optional*): as for `merge_adapters`.
         output (`Path`): the absolute output path.
@@ -200,12 +199,12 @@ def _expand(
     entry: AdapterSpec, folder: Path, roots: Sequence[Path], where: str, recipe: Path
 ) -> list[tuple[str, Any]]:
     """The adapters (absolute path or hub id) one entry stands for, each with the entry's weight."""
-    if entry.hub is not None:
-        return [(entry.hub, entry.weight)]
+    if entry.hub is not None:  # resolved through huggingface_hub only, never as a local path
+        return [(HUB_PREFIX + entry.hub, entry.weight)]
     if entry.path is not None:
         path = _inside(folder / Path(entry.path).expanduser(), roots, f"{where}.path", recipe)
         if not path.exists():
-            hint = f" (for a hub id write `hub: {entry.path}`)" if _HUB_ID.match(entry.path) else ""
+            hint = f" (for a hub id write `hub: {entry.path}`)" if is_hub_id(entry.path) else ""
             raise RecipeError(f"{recipe}: {where}.path: {path} does not exist{hint}")
         return [(str(path), entry.weight)]
     pattern = str(folder / Path(entry.glob).expanduser())
@@ -235,6 +234,10 @@ def _job(spec: MergeSpec, defaults: MergeOptions, folder: Path, roots: Sequence[
         for item in _expand(entry, folder, roots, f"{where}.adapters[{i}]", recipe)
     ]
     output = _inside(folder / Path(spec.output).expanduser(), roots, f"{where}.output", recipe)
+    try:
+        check_not_input(output, [a for a, _ in adapters])
+    except OutputPathError as err:
+        raise RecipeError(f"{recipe}: {where}.output: {err}") from None
     return MergeJob(
         name=spec.name or output.stem,
         adapters=tuple(a for a, _ in adapters),
@@ -262,14 +265,15 @@ def load_recipe(path: str | Path, *, allowed_roots: Sequence[str | Path] = ()) -
     Raises:
         RecipeError: naming the file, the entry (`merges[1] ('style_mix').adapters[0].weight`) and what is wrong:
             unreadable YAML, schema violations, unknown methods or parameters, paths outside the allowed roots,
-            missing inputs, globs that match nothing, duplicate names or outputs.
+            missing inputs, globs that match nothing, duplicate names or outputs, outputs that are, contain or lie
+            inside an input.
     """
     import yaml
 
     path = Path(path).expanduser().resolve()
     try:
         raw = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as err:
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
         raise RecipeError(f"{path}: cannot read the recipe ({err})") from None
     try:
         recipe = RecipeFile.model_validate(raw)

@@ -10,10 +10,18 @@ An adapter's weight is one of:
   "text_encoder": 0.5}`, where `down`/`up` take a number or `{"block_i": number | [one per layer]}`. Unlike
   diffusers, which scales only attention layers and silently leaves resnets and samplers at 1.0, every module of a
   named block gets the block's weight: the `j`-th entry of a list applies to `attentions.j` and `resnets.j`, and
-  a block's samplers take its last entry; components not named keep 1.0;
-- an A1111 LoRA Block Weight vector: `{"lbw": [17, 12, 20 or 26 numbers] | "PRESET", "multiplier": 1.0}`
+  a block's samplers take its last entry; components not named keep 1.0. A DiT component (`transformer`) takes
+  its block lists by name: `{"transformer": {"transformer_blocks": [one per block] | {"3": …} | number,
+  "single_transformer_blocks": …, "blocks": …}}` (Flux double and single blocks, SD3 and Qwen-Image
+  `transformer_blocks`, Wan `blocks`); a block a dict or list leaves out keeps 1.0 (dict) or is an error (list),
+  and other keys are module patterns. Unlike diffusers' substring rule, `transformer_blocks.1` never reaches
+  `single_transformer_blocks.1` or `transformer_blocks.10`;
+- an A1111 LoRA Block Weight vector: `{"lbw": [17, 12, 20, 26 or 61 numbers] | "PRESET", "multiplier": 1.0}`
   (SD1.x 17/26, SDXL 12/20), mapped to blocks by the LDM numbering (IN00…IN11, M00, OUT00…OUT11); slots the vector
   does not name get 0, as in the extension, and modules outside the blocks (time embedding, conv_out) keep 1.0.
+  The extension's Flux vector has 61 values: CLIP (`text_encoder`), T5 (`text_encoder_2`), IN (the input
+  embedders), D00–D18 (`transformer_blocks.N`), S00–S37 (`single_transformer_blocks.N`) and OUT (`norm_out`,
+  `proj_out`).
 """
 
 from __future__ import annotations
@@ -37,7 +45,8 @@ _SD1_17 = ["BASE", "IN01", "IN02", "IN04", "IN05", "IN07", "IN08", "M00"] + [f"O
 _SDXL_12 = ["BASE", "IN04", "IN05", "IN07", "IN08", "M00"] + [f"OUT{i:02d}" for i in range(6)]
 _SD1_26 = ["BASE"] + [f"IN{i:02d}" for i in range(12)] + ["M00"] + [f"OUT{i:02d}" for i in range(12)]
 _SDXL_20 = ["BASE"] + [f"IN{i:02d}" for i in range(9)] + ["M00"] + [f"OUT{i:02d}" for i in range(9)]
-LBW_LAYOUTS = {17: _SD1_17, 12: _SDXL_12, 26: _SD1_26, 20: _SDXL_20}
+_FLUX_61 = ["CLIP", "T5", "IN"] + [f"D{i:02d}" for i in range(19)] + [f"S{i:02d}" for i in range(38)] + ["OUT"]
+LBW_LAYOUTS = {17: _SD1_17, 12: _SDXL_12, 26: _SD1_26, 20: _SDXL_20, 61: _FLUX_61}
 # The extension's default presets (17 wide: BASE, IN01, IN02, IN04, IN05, IN07, IN08, M00, OUT03…OUT11).
 LBW_PRESETS = {
     "NONE": [0] * 17,
@@ -50,7 +59,11 @@ LBW_PRESETS = {
     "OUTD": [1, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 0],
     "OUTS": [1] + [0] * 11 + [1] * 5,
     "OUTALL": [1] + [0] * 7 + [1] * 9,
+    "FLUXALL": [1] * 61,
 }
+_DIT_BLOCK = re.compile(r"^(transformer_blocks|single_transformer_blocks|blocks)\.(\d+)\.")
+_FLUX_IN = ("x_embedder", "context_embedder", "time_text_embed")
+_FLUX_OUT = ("norm_out", "proj_out")
 _UNET_BLOCK = re.compile(r"^(down|up)_blocks\.(\d+)\.(?:(attentions|resnets)\.(\d+)|(?:downsamplers|upsamplers)\.\d+)")
 
 
@@ -129,6 +142,35 @@ def _unet_block_weight(spec: Any, module: str, where: str) -> float:
     return _number(value, f"{where}['{side}']")
 
 
+def _transformer_weights(spec: Mapping[str, Any], where: str) -> Callable[[str], float]:
+    """A DiT component's weights: block lists by name (`transformer_blocks`, ...), other keys as module patterns."""
+    blocks = {
+        name: spec[name] for name in ("transformer_blocks", "single_transformer_blocks", "blocks") if name in spec
+    }
+    patterns = _pattern_weights({k: v for k, v in spec.items() if k not in blocks}, where)
+    for name, value in blocks.items():  # validate numbers now rather than at the first module
+        values = value.values() if isinstance(value, Mapping) else value if isinstance(value, list) else [value]
+        for v in values:
+            _number(v, f"{where}[{name!r}]")
+
+    def resolve(module: str) -> float:
+        match = _DIT_BLOCK.match(module)
+        if match is None or match[1] not in blocks:
+            return patterns(module)
+        value, index = blocks[match[1]], int(match[2])
+        if isinstance(value, Mapping):
+            return float(value.get(match[2], value.get(f"block_{index}", 1.0)))
+        if isinstance(value, list):
+            if index >= len(value):
+                raise InvalidParameterError(
+                    f"{where}[{match[1]!r}] has {len(value)} entries but module {module!r} is in block {index}"
+                )
+            return float(value[index])
+        return float(value)
+
+    return resolve
+
+
 def _component_weights(spec: Mapping[str, Any], where: str) -> Callable[[str], float]:
     unknown = set(spec) - set(COMPONENTS)
     if unknown:
@@ -145,9 +187,16 @@ def _component_weights(spec: Mapping[str, Any], where: str) -> Callable[[str], f
         if component == "unet":
             return _unet_block_weight(value, rest, f"{where}['unet']")
         if isinstance(value, Mapping):
-            return _pattern_weights(value, f"{where}[{component!r}]")(rest)
+            return resolvers[component](rest)
         return _number(value, f"{where}[{component!r}]")
 
+    resolvers = {
+        component: (_transformer_weights if component == "transformer" else _pattern_weights)(
+            value, f"{where}[{component!r}]"
+        )
+        for component, value in spec.items()
+        if isinstance(value, Mapping) and component != "unet"
+    }
     for component in spec:  # validate numbers now rather than at the first module
         if not isinstance(spec[component], Mapping):
             _number(spec[component], f"{where}[{component!r}]")
@@ -174,6 +223,21 @@ def _lbw_block(module: str) -> str | None:
     return f"OUT{3 * block + int(layer):02d}" if kind else f"OUT{3 * block + 2:02d}"
 
 
+def _lbw_flux_block(module: str) -> str | None:
+    """The block id of the extension's Flux vector (CLIP, T5, IN, D00…, S00…, OUT) of a diffusers Flux module name."""
+    component, _, rest = module.partition(".")
+    if component in ("text_encoder", "text_encoder_2"):
+        return "CLIP" if component == "text_encoder" else "T5"
+    if component != "transformer":
+        return None
+    if (match := _DIT_BLOCK.match(rest)) and match[1] != "blocks":
+        return f"{'S' if match[1].startswith('single') else 'D'}{int(match[2]):02d}"
+    root = rest.partition(".")[0]
+    if root in _FLUX_IN:
+        return "IN"
+    return "OUT" if root in _FLUX_OUT else None
+
+
 def _lbw_weights(spec: Mapping[str, Any], where: str) -> Callable[[str], float]:
     unknown = set(spec) - {"lbw", "multiplier"}
     if unknown:
@@ -189,15 +253,17 @@ def _lbw_weights(spec: Mapping[str, Any], where: str) -> Callable[[str], float]:
         vector = LBW_PRESETS[vector]
     if not isinstance(vector, Sequence) or len(vector) not in LBW_LAYOUTS:
         raise InvalidParameterError(
-            f"{where}: a block-weight vector has 17 or 26 (SD1.x) or 12 or 20 (SDXL) numbers; got {vector!r}"
+            f"{where}: a block-weight vector has 17 or 26 (SD1.x), 12 or 20 (SDXL) or 61 (Flux) values; got {vector!r}"
         )
     multiplier = _number(spec.get("multiplier", 1.0), f"{where}['multiplier']")
     ratios = {
         name: _number(v, f"{where}['lbw'][{i}]") for i, (name, v) in enumerate(zip(LBW_LAYOUTS[len(vector)], vector))
     }
 
+    block_of = _lbw_flux_block if len(vector) == len(_FLUX_61) else _lbw_block
+
     def resolve(module: str) -> float:
-        block = _lbw_block(module)
+        block = block_of(module)
         return multiplier * (1.0 if block is None else ratios.get(block, 0.0))
 
     return resolve

@@ -10,12 +10,14 @@ import shutil
 
 import pytest
 import torch
+import yaml
 from click.testing import CliRunner
 from huggingface_hub import constants
 
 from adaptermerge import load_adapter, merge_adapters, save_adapter
 from adaptermerge.cli import main
 from adaptermerge.errors import AdapterFormatError
+from adaptermerge.recipes import RecipeError, load_recipe
 from adaptermerge.ui.diffusion import is_pipeline, tiny_sd_pipeline
 from tests.factories import make_adapter
 from tests.tiny_models import save_random_llama_lora, tiny_llama
@@ -88,3 +90,35 @@ def test_a_diffusers_pipeline_is_recognised_by_hub_id(publish, tmp_path):
     assert is_pipeline(pipeline_id)
     assert not is_pipeline(adapter_id)  # cached, but holds no model_index.json
     assert not is_pipeline("acme/not-there")  # offline and not cached: no pipeline, no exception
+
+
+def test_a_recipe_hub_entry_never_reads_a_local_folder(publish, tmp_path, monkeypatch):
+    """A `hub:` entry naming a folder outside the recipe's roots must not read it, whatever the working directory."""
+    _peft_adapter(tmp_path / "repro" / "secret_outside", seed=0)
+    recipes = tmp_path / "recipes"
+    _peft_adapter(recipes / "a", seed=1)
+    recipe = recipes / "recipe.yaml"
+    recipe.write_text(
+        yaml.safe_dump({"merges": [{"adapters": ["a", {"hub": "repro/secret_outside"}], "output": "o"}]})
+    )
+    monkeypatch.chdir(tmp_path)  # where `repro/secret_outside` exists as a relative local path
+    result = CliRunner().invoke(main, ["-q", "run", str(recipe), "--workers", "0"])
+    assert result.exit_code == 1 and "repro/secret_outside: not a local path, and the hub could not provide" in (
+        result.output
+    )
+    assert not (recipes / "o").exists()
+
+    publish("repro/secret_outside", tmp_path / "repro" / "secret_outside")  # the same id, from the hub: read
+    result = CliRunner().invoke(main, ["-q", "run", str(recipe), "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    assert len(load_adapter(recipes / "o")) == len(SHAPES)
+
+
+@pytest.mark.parametrize("repo_id", ["../etc", "a/..", "a--b/c", "a/b.git", "/abs/path", "a/b/c"])
+def test_hub_entries_are_checked_to_be_repository_ids(repo_id, tmp_path):
+    with pytest.raises(AdapterFormatError, match="not a hub repository id"):
+        load_adapter(f"hub:{repo_id}")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"merges": [{"adapters": [{"hub": repo_id}], "output": "o"}]}))
+    with pytest.raises(RecipeError, match="a hub id looks like owner/name"):
+        load_recipe(recipe)

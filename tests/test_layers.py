@@ -11,6 +11,7 @@ PACKAGE = Path(adaptermerge.__file__).parent
 # Layer of each top-level module or subpackage (DESIGN.md); a module may import its own layer or lower ones.
 LAYERS = {
     "errors": 0,
+    "versions": 0,
     "lowrank": 0,
     "patterns": 0,
     "weights": 0,

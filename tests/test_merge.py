@@ -40,9 +40,9 @@ def test_module_missing_from_one_adapter_contributes_nothing_from_it():
 
 
 def test_zero_weight_modules_are_left_out():
-    a = make_adapter({"x": (8, 8)}, seed=1, name="a")
-    b = make_adapter({"y": (8, 8)}, seed=2, name="b")
-    assert set(merge_adapters([a, b], [1.0, 0.0])) == {"x"}
+    a = make_adapter({"model.x": (8, 8)}, seed=1, name="a")
+    b = make_adapter({"model.y": (8, 8)}, seed=2, name="b")
+    assert set(merge_adapters([a, b], [1.0, 0.0])) == {"model.x"}
 
 
 def test_rank_truncation_is_the_best_low_rank_approximation():

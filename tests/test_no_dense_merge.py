@@ -28,6 +28,7 @@ from adaptermerge.cli import main
 from adaptermerge.methods import _registry
 from tests.factories import make_adapter
 from tests.tiny_models import save_random_llama_lora, tiny_llama
+from tests.test_methods_common import PAIRS_ONLY
 
 OUT, IN, RANK, T = 4096, 4096, 8, 3
 SLOW = {"lora_lego": "its k-means over 8192-wide units takes ~16 s at this width on 2 CPUs"}
@@ -107,8 +108,9 @@ def test_the_detector_sees_pool_workers():
     "method", [pytest.param(m.name, marks=pytest.mark.slow) if m.name in SLOW else m.name for m in list_methods()]
 )
 def test_merge_creates_no_out_by_in_tensor(method, big_adapters):
+    inputs = big_adapters[:2] if method in PAIRS_ONLY else big_adapters
     with largest_tensor() as seen:
-        result = merge_adapters(big_adapters, [0.5, 1.0, -0.7], method)
+        result = merge_adapters(inputs, [0.5, 1.0, -0.7][: len(inputs)], method)
     if isinstance(result, Adapter):
         assert result["layer.q_proj"].shape == (OUT, IN)
     adapters_numel = T * RANK * (OUT + IN)

@@ -48,7 +48,7 @@ def test_recipe_resolves_paths_globs_and_hub_ids_against_its_folder(folder, monk
     }
     loaded = load_recipe(write(folder, recipe))
     mix, everything = loaded.jobs
-    assert mix.adapters == (str(folder / "loras/style_0"), str(folder / "loras/style_1"), "someone/some-lora")
+    assert mix.adapters == (str(folder / "loras/style_0"), str(folder / "loras/style_1"), "hub:someone/some-lora")
     assert mix.weights == (1.0, 0.5, {"q_proj": 2.0})  # a mapping passes through unchanged
     assert (mix.output, mix.rank, mix.dtype, mix.method) == (folder / "out/mix", 4, "float16", "linear")
     assert everything.name == "all"  # the output's stem by default
@@ -131,6 +131,6 @@ def test_the_example_recipe_is_valid(tmp_path):
     copy.write_text(example.read_text())
     style, character, quick = load_recipe(copy).jobs
     assert style.weights == (0.7, 0.3) and (style.rank, style.dtype, style.format) == (32, "float16", "peft")
-    assert character.adapters[-1] == "some-user/some-lora" and len(character.adapters) == 3
+    assert character.adapters[-1] == "hub:some-user/some-lora" and len(character.adapters) == 3
     assert (character.method, character.params, character.format) == ("ties", {"density": 0.3}, "kohya")
     assert quick.name == "quick" and quick.adapters[1].endswith("alice.safetensors")

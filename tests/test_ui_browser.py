@@ -146,3 +146,51 @@ def test_pipeline_base_shows_a_new_image_when_a_slider_moves(pipeline_page, tmp_
     page.screenshot(path=str(screenshot), full_page=True)
     print(f"pipeline base slider click → new image in the browser: {1000 * elapsed:.0f} ms; {screenshot}")
     assert elapsed < 3.0
+
+
+def set_slider(page, slider: str, fraction: float) -> float:
+    """Click `slider` at `fraction` of its track; returns the value its number box then shows."""
+    track = page.locator(f"{slider} input[type=range]")
+    track.scroll_into_view_if_needed()
+    box = track.bounding_box()
+    page.mouse.click(box["x"] + fraction * box["width"], box["y"] + box["height"] / 2)
+    return float(page.input_value(f"{slider} input[type=number]"))
+
+
+def render_and_wait(page, button: str, image: str) -> np.ndarray:
+    """Click `button` and wait for `image` to show a new source; returns its pixels."""
+    before = page.locator(f"{image} img").evaluate("img => img.src") if page.locator(f"{image} img").count() else ""
+    page.locator(button).click()
+    page.wait_for_function(
+        "args => { const img = document.querySelector(args[0] + ' img'); return img && img.src !== args[1]; }",
+        arg=[image, before],
+        timeout=30_000,
+    )
+    return shown_image(page, image)[1]
+
+
+def test_fusion_section_mu_slider_schedule_editor_and_xy_grid(pipeline_page, tmp_path):
+    page = pipeline_page
+    page.get_by_text("subject + style", exact=True).click()
+    page.locator("#fusion-render").wait_for(state="visible", timeout=10_000)
+    projected = render_and_wait(page, "#fusion-render", "#fusion-image")
+    assert set_slider(page, "#fusion-mu", 0.0) == 0.0
+    summed = render_and_wait(page, "#fusion-render", "#fusion-image")
+    assert projected.shape == (32, 32, 3) and np.abs(projected - summed).mean() > 0.5
+    assert "np_lora" in page.inner_text("#fusion-timing")
+
+    page.locator("#fusion-mode").get_by_text("schedule", exact=True).click()
+    assert set_slider(page, "#fusion-style-start", 0.6) >= 0.5
+    scheduled = render_and_wait(page, "#fusion-render", "#fusion-image")
+    assert np.abs(scheduled - summed).mean() > 0.5  # the style starts half-way: another picture than the sum
+    assert "schedule" in page.inner_text("#fusion-timing")
+
+    page.locator("#fusion-mode").get_by_text("np_lora", exact=True).click()
+    grid = render_and_wait(page, "#grid-render", "#grid-image")
+    assert grid.shape[0] > 2 * 128 and grid.shape[1] > 3 * 128  # 2 mu rows × 3 style-weight columns
+    link = page.locator("#grid-file a").first
+    link.wait_for(timeout=10_000)
+    assert link.get_attribute("href").endswith(".png")
+    screenshot = tmp_path / "ui-fusion-grid.png"
+    page.screenshot(path=str(screenshot), full_page=True)
+    print(f"fusion section: grid {grid.shape}, screenshot {screenshot}")

@@ -24,7 +24,19 @@ from tests.factories import make_adapter  # noqa: E402
 from tests.tiny_models import save_random_pipeline_lora  # noqa: E402
 
 PROMPT, STEPS, SIZE = "a photo of a cat", 3, 32
-NO_PARAMS = [0.2, 0.2, 2.0, 0, None, "total", True, True]  # every method parameter's box, ignored by linear
+NO_PARAMS = [
+    0.2,
+    0.2,
+    2.0,
+    0,
+    None,
+    "total",
+    True,
+    True,
+    1.0,
+    None,
+    "input",
+]  # every method parameter's box, ignored by linear
 
 
 @pytest.fixture(scope="module")
@@ -85,10 +97,18 @@ def host_render(folders):
 
 
 @torch.no_grad()
-def diffusers_image(pipe):
+def diffusers_image(pipe, callback=None):
     """The image of `pipe` with the page's prompt, steps, size and seed, as integers in [0, 255]."""
     generator = torch.Generator().manual_seed(0)
-    image = pipe(PROMPT, num_inference_steps=STEPS, height=SIZE, width=SIZE, generator=generator, output_type="np")
+    image = pipe(
+        PROMPT,
+        num_inference_steps=STEPS,
+        height=SIZE,
+        width=SIZE,
+        generator=generator,
+        output_type="np",
+        callback_on_step_end=callback,
+    )
     return (np.clip(image.images[0], 0.0, 1.0) * 255).round().astype(int)
 
 
@@ -203,3 +223,80 @@ def test_dora_adapters_preview_and_export_their_exact_merge(folders, tmp_path):
         torch.testing.assert_close(exported[module].magnitude, update.magnitude.float(), rtol=1e-5, atol=1e-6)
     with pytest.raises(InvalidParameterError, match="DoRA"):
         bench.show(weights, "linear", {}, {bench.names[0]: {"default": 0.5}})
+
+
+def fusion(client, mode, subject_weight=1.0, style_weight=1.0, mu=1.0, schedule=(0.0, 1.0, 0.0, 1.0)):
+    """The `/fusion` image for subject `smudge` and style `sparkle`."""
+    path, timing = client.predict(
+        "smudge", "sparkle", mode, subject_weight, style_weight, mu, *schedule, api_name="/fusion"
+    )
+    assert mode in timing
+    return np.asarray(Image.open(path).convert("RGB")).astype(int)
+
+
+def test_fusion_np_lora_mu_slider_runs_from_the_sum_to_the_projection_diffusers_renders(client, folders, tmp_path):
+    from diffusers import DiffusionPipeline
+
+    from adaptermerge import merge_adapters
+
+    linear = fusion(client, "linear")
+    assert np.array_equal(fusion(client, "np_lora", mu=0.0), linear)
+    projected = fusion(client, "np_lora", mu=1.0)
+    assert np.abs(projected - linear).mean() > 0.5
+    adapters = [folders / "adapters" / "smudge", folders / "adapters" / "sparkle" / "sparkle.safetensors"]
+    merged = merge_adapters(adapters, [1.0, 1.0], "np_lora", mu=1.0)
+    expected = DiffusionPipeline.from_pretrained(str(folders / "base"))
+    expected.set_progress_bar_config(disable=True)
+    expected.load_lora_weights(str(save_adapter(merged, tmp_path / "np", format="diffusers")))
+    assert np.abs(projected - diffusers_image(expected)).max() <= 2
+
+
+def test_fusion_schedule_equals_set_adapters_changed_by_hand(client, folders):
+    """Style started at 50% of 3 steps: off at progress 0 and 1/3, on at 2/3."""
+    from diffusers import DiffusionPipeline
+
+    scheduled = fusion(client, "schedule", schedule=(0.0, 1.0, 0.5, 1.0))
+    assert np.abs(scheduled - fusion(client, "linear")).mean() > 0.5
+    pipe = DiffusionPipeline.from_pretrained(str(folders / "base"))
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(str(folders / "adapters" / "smudge"), adapter_name="smudge")
+    pipe.load_lora_weights(str(folders / "adapters" / "sparkle" / "sparkle.safetensors"), adapter_name="sparkle")
+    by_step = [[1.0, 0.0], [1.0, 0.0], [1.0, 1.0]]
+    pipe.set_adapters(["smudge", "sparkle"], by_step[0])
+
+    def callback(pipe, step, timestep, kwargs):
+        pipe.set_adapters(["smudge", "sparkle"], by_step[(step + 1) % STEPS])
+        return kwargs
+
+    assert np.abs(scheduled - diffusers_image(pipe, callback)).max() <= 2
+    with pytest.raises(AppError, match="start < stop"):
+        fusion(client, "schedule", schedule=(0.6, 0.5, 0.0, 1.0))
+
+
+def test_fusion_k_lora_and_the_main_sliders_share_the_pipeline(client):
+    base, _ = show(client)
+    switched = fusion(client, "k_lora")
+    assert np.abs(switched - fusion(client, "linear")).mean() > 0.5
+    assert np.array_equal(fusion(client, "k_lora"), switched)
+    assert np.array_equal(show(client)[0], base)  # the workbench's own preview comes back unchanged
+
+
+def xy_grid(client, x_values, y_values):
+    """`/fusion_grid` of np_lora (smudge, sparkle at weight 1, mu 1): style weight on x, mu on y."""
+    settings = ["smudge", "sparkle", "np_lora", 1.0, 1.0, 1.0, 0.0, 1.0, 0.0, 1.0]
+    return client.predict(*settings, "style weight", x_values, "mu", y_values, api_name="/fusion_grid")
+
+
+def test_xy_grid_of_style_weight_by_mu_is_one_png_of_the_single_renders(client):
+    grid_path, png = xy_grid(client, "0, 1", "0, 0.5, 1")
+    grid = np.asarray(Image.open(grid_path).convert("RGB")).astype(int)
+    assert png.endswith(".png") and np.array_equal(np.asarray(Image.open(png).convert("RGB")).astype(int), grid)
+    factor, gap, top = 128 // SIZE, 4, 16
+    cell = SIZE * factor
+    assert grid.shape[0] == top + 3 * (cell + gap)
+    left = grid.shape[1] - 2 * (cell + gap)
+    single = fusion(client, "np_lora", style_weight=1.0, mu=0.5)
+    crop = grid[top + (cell + gap) : top + (cell + gap) + cell, left + cell + gap : left + 2 * cell + gap]
+    assert np.array_equal(crop, single.repeat(factor, axis=0).repeat(factor, axis=1))
+    with pytest.raises(AppError, match="comma-separated"):
+        xy_grid(client, "a, b", "0")

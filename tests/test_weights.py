@@ -116,3 +116,64 @@ def test_lbw_presets_zero_the_slots_a_17_vector_does_not_name():
 def test_bad_weight_specs_say_what_is_wrong(weight, message):
     with pytest.raises(InvalidParameterError, match=message):
         resolve(weight, UNET)
+
+
+FLUX_MODULES = {
+    "text_encoder.text_model.encoder.layers.0.self_attn.q_proj": "CLIP",
+    "text_encoder_2.encoder.block.0.layer.0.SelfAttention.q": "T5",
+    "transformer.x_embedder": "IN",
+    "transformer.time_text_embed.guidance_embedder.linear_1": "IN",
+    "transformer.transformer_blocks.0.attn.to_q": "D00",
+    "transformer.transformer_blocks.18.ff.net.2": "D18",
+    "transformer.single_transformer_blocks.1.proj_mlp": "S01",
+    "transformer.single_transformer_blocks.37.attn.to_k": "S37",
+    "transformer.norm_out.linear": "OUT",
+    "transformer.proj_out": "OUT",
+}
+
+
+def test_flux_lbw_vector_of_61_values_follows_the_extension_layout():
+    from adaptermerge.weights import LBW_LAYOUTS
+
+    vector = [round(0.01 * (i + 1), 2) for i in range(61)]
+    (resolve,) = check_weights([{"lbw": vector, "multiplier": 2.0}], 1)
+    for module, block in FLUX_MODULES.items():
+        assert resolve(module) == pytest.approx(2.0 * vector[LBW_LAYOUTS[61].index(block)]), module
+    (everything,) = check_weights([{"lbw": "FLUXALL"}], 1)
+    assert all(everything(module) == 1.0 for module in FLUX_MODULES)
+
+
+def test_dit_block_lists_name_whole_blocks_without_substring_traps():
+    weight = {
+        "transformer": {
+            "transformer_blocks": {"1": 0.5},
+            "single_transformer_blocks": [0.0, 0.25],
+            "blocks": 0.75,
+            "proj_out": 3.0,
+        }
+    }
+    (resolve,) = check_weights([weight], 1)
+    assert resolve("transformer.transformer_blocks.1.attn.to_q") == 0.5
+    assert resolve("transformer.transformer_blocks.10.attn.to_q") == 1.0  # not block 1
+    assert resolve("transformer.single_transformer_blocks.1.attn.to_q") == 0.25  # not transformer_blocks.1
+    assert resolve("transformer.blocks.7.attn1.to_q") == 0.75  # Wan
+    assert resolve("transformer.proj_out") == 3.0 and resolve("text_encoder.x") == 1.0
+    with pytest.raises(InvalidParameterError, match="has 2 entries but module .* is in block 5"):
+        resolve("transformer.single_transformer_blocks.5.proj_out")
+    with pytest.raises(InvalidParameterError, match="finite number"):
+        check_weights([{"transformer": {"blocks": [1.0, "x"]}}], 1)
+
+
+def test_flux_block_weighted_merge_equals_dense_per_module_weighted_sum():
+    shapes = {name: (8, 6) for name in FLUX_MODULES}
+    adapters = [make_adapter(shapes, rank=2, seed=s, name=f"a{s}") for s in range(2)]
+    vector = [0.0, 1.0, 0.5] + [0.2] * 19 + [0.9] * 38 + [1.5]
+    weights = [{"lbw": vector}, {"transformer": {"single_transformer_blocks": [1.0, -1.0] + [0.5] * 36}}]
+    merged = merge_adapters(adapters, weights)
+    resolvers = check_weights(weights, 2)
+    for module in shapes:
+        expected = sum(r(module) * a[module].to_dense() for r, a in zip(resolvers, adapters))
+        if module in merged:
+            torch.testing.assert_close(merged[module].to_dense(), expected)
+        else:
+            assert float(expected.abs().max()) == 0.0

@@ -5,6 +5,8 @@
   VAE, tiny CLIP text encoder, a CLIP tokenizer from a local vocabulary).
 - :func:`tiny_sdxl_pipeline`: the SDXL counterpart with two text encoders (`text_encoder_2` keeps `text_model.`),
   from the same VAE, text-encoder config and tokenizer builders.
+- :func:`tiny_flux_pipeline`: a Flux-style DiT `FluxPipeline` (one double and one single transformer block) without
+  text encoders: call it with `prompt_embeds` and `pooled_prompt_embeds` (:func:`flux_prompt_embeds`).
 - :func:`tiny_llama`: a Llama-style causal LM.
 - :func:`save_random_llama_lora`, :func:`save_random_pipeline_lora`: random LoRAs (random `lora_B`, so the update
   is not zero) written by peft's `save_pretrained` and diffusers' `save_lora_weights` themselves.
@@ -29,11 +31,13 @@ __all__ = [
     "UNET_ATTENTION_TARGETS",
     "UNET_CONV_TARGETS",
     "adapted_weight",
+    "flux_prompt_embeds",
     "pipeline_module",
     "randomize_lora_B",
     "save_random_llama_lora",
     "save_random_pipeline_lora",
     "tiny_clip_tokenizer",
+    "tiny_flux_pipeline",
     "tiny_llama",
     "tiny_sd_pipeline",
     "tiny_sdxl_pipeline",
@@ -97,6 +101,62 @@ def _sdxl_pipeline():
 def tiny_sdxl_pipeline():
     """A fresh tiny SDXL-style `StableDiffusionXLPipeline` (two CLIP text encoders, text-time conditioning)."""
     return copy.deepcopy(_sdxl_pipeline())
+
+
+@functools.cache
+def _flux_pipeline():
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=4,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        axes_dims_rope=[4, 4, 8],
+    )
+    vae = AutoencoderKL(
+        sample_size=32,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(4,),
+        layers_per_block=1,
+        latent_channels=1,
+        norm_num_groups=1,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=0.0609,
+        scaling_factor=1.5035,
+    )
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae.eval(),
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        transformer=transformer.eval(),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_flux_pipeline():
+    """A fresh tiny Flux-style `FluxPipeline` (the diffusers test suite's sizes; same weights every call)."""
+    return copy.deepcopy(_flux_pipeline())
+
+
+def flux_prompt_embeds(seed: int = 0) -> dict[str, torch.Tensor]:
+    """`prompt_embeds` (1, 8, 32) and `pooled_prompt_embeds` (1, 32) for :func:`tiny_flux_pipeline`."""
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        "prompt_embeds": torch.randn(1, 8, 32, generator=generator),
+        "pooled_prompt_embeds": torch.randn(1, 32, generator=generator),
+    }
 
 
 @functools.cache

@@ -11,21 +11,21 @@ import sys
 import click
 
 from ..errors import AdapterMergeError
-from . import _adapters, _batch, _bench, _rmm, _ui
+from . import _adapters, _batch, _bench, _env, _rmm, _ui
 
 __all__ = ["main"]
 
 
 class _Group(click.Group):
-    """Turns adaptermerge's errors into one-line messages with exit code 2."""
+    """Turns adaptermerge's errors and I/O errors (a missing file, a full disk) into one line with exit code 2."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except (AdapterMergeError, FileExistsError) as err:
+        except (AdapterMergeError, OSError) as err:
             if ctx.obj and ctx.obj.get("verbose", 0) >= 2:
                 raise
-            click.echo(f"Error: {err}", err=True)
+            click.echo("Error: " + " ".join(str(err).split()), err=True)  # one line, whatever the message holds
             sys.exit(2)
 
 
@@ -49,5 +49,5 @@ def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
     ctx.obj = {"verbose": verbose, "quiet": quiet}
 
 
-for command in _adapters.COMMANDS + _batch.COMMANDS + _bench.COMMANDS + _rmm.COMMANDS + _ui.COMMANDS:
+for command in _adapters.COMMANDS + _batch.COMMANDS + _bench.COMMANDS + _rmm.COMMANDS + _ui.COMMANDS + _env.COMMANDS:
     main.add_command(command)

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..bundle import is_bundle
-from ..io import load_adapter, save_adapter
+from ..io import check_not_input, load_adapter, model_family, save_adapter
 from ..lowrank import norm
 from ..merge import load_adapters, merge_adapters
 from ..methods import list_methods
@@ -20,6 +20,7 @@ from ..methods.advice import TRY_FIRST
 from ..training.orthogonal import check_disjoint
 from ._options import (
     DTYPES,
+    FORMAT_NAMES,
     allow_pickle_option,
     dtype_option,
     format_option,
@@ -27,6 +28,7 @@ from ._options import (
     overwrite_option,
     parse_weights,
     pop_method_params,
+    skip_unknown_option,
 )
 from ._rmm import show_bundle
 
@@ -60,6 +62,7 @@ def _quiet(ctx: click.Context) -> bool:
 @dtype_option
 @overwrite_option
 @allow_pickle_option
+@skip_unknown_option
 @method_options
 @click.pass_context
 def merge(ctx: click.Context, adapters: tuple[str, ...], output: Path, method: str, weights: str | None, **kwargs):
@@ -75,7 +78,9 @@ def merge(ctx: click.Context, adapters: tuple[str, ...], output: Path, method: s
     """
     params = pop_method_params(kwargs)
     start = time.perf_counter()
-    loaded = load_adapters(list(adapters), allow_pickle=kwargs["allow_pickle"])
+    loaded = load_adapters(list(adapters), allow_pickle=kwargs["allow_pickle"], skip_unknown=kwargs["skip_unknown"])
+    sources = [a.metadata.source for a in loaded if a.metadata.source]
+    check_not_input(output, [*adapters, *sources, *([kwargs["base"]] if kwargs["base"] else [])])
     check_disjoint(loaded)  # warns when orthogonal-adaptation concepts were given overlapping basis blocks
     merged = merge_adapters(
         loaded,
@@ -93,25 +98,31 @@ def merge(ctx: click.Context, adapters: tuple[str, ...], output: Path, method: s
     path = save_adapter(merged, output, format=kwargs["output_format"], overwrite=kwargs["overwrite"])
     if not _quiet(ctx):
         ranks = sorted({lr.rank for lr in merged.values()})
+        unused = {a.name: a.metadata.extra.get("unused_keys", []) for a in loaded}
         click.echo(
             f"Merged {len(adapters)} adapters with {method!r} into {path} "
             f"({len(merged)} modules, rank {ranks[0] if len(ranks) == 1 else f'{ranks[0]}-{ranks[-1]}'}, "
+            f"{len(merged.side_cars)} side-car tensors, {sum(map(len, unused.values()))} unused keys, "
             f"{time.perf_counter() - start:.2f} s)"
         )
+        if ctx.find_root().obj.get("verbose"):
+            for name, keys in unused.items():
+                for key in keys:
+                    click.echo(f"  unused key of {name}: {key}")
 
 
-def describe(path: str, *, allow_pickle: bool = False) -> dict[str, Any]:
+def describe(path: str, *, allow_pickle: bool = False, skip_unknown: bool = False) -> dict[str, Any]:
     """What `inspect` reports about one adapter, as plain data."""
-    adapter = load_adapter(path, allow_pickle=allow_pickle)
+    adapter = load_adapter(path, allow_pickle=allow_pickle, skip_unknown=skip_unknown)
     modules = []
     for name, lowrank in adapter.items():
-        scale_of = getattr(adapter.modules, "entries", {}).get(name)
+        entry = getattr(adapter.modules, "entries", {}).get(name)
         modules.append(
             {
                 "module": name,
                 "shape": list(lowrank.shape) + list(lowrank.kernel_size),
                 "rank": lowrank.rank,
-                "scale": scale_of.scale if scale_of else 1.0,
+                "scale": getattr(entry, "scale", 1.0),  # a LoHa/LoKr module's scale is folded at read time
                 "parameters": lowrank.num_parameters,
                 "norm": float(norm(lowrank)),
                 "dora": lowrank.magnitude is not None,
@@ -120,12 +131,18 @@ def describe(path: str, *, allow_pickle: bool = False) -> dict[str, Any]:
     return {
         "path": str(path),
         "format": adapter.metadata.format,
+        "family": model_family(adapter),
         "base_model": adapter.metadata.base_model,
         "dtype": str(adapter.metadata.dtype).removeprefix("torch."),
         "modules": len(modules),
         "parameters": sum(m["parameters"] for m in modules),
         "ranks": sorted({m["rank"] for m in modules}),
         "per_module": modules,
+        "side_cars": [
+            {"name": name, "shape": list(tensor.shape), "norm": float(tensor.double().norm())}
+            for name, tensor in adapter.side_cars.items()
+        ],
+        "unused_keys": list(adapter.metadata.extra.get("unused_keys", [])),
     }
 
 
@@ -133,20 +150,22 @@ def describe(path: str, *, allow_pickle: bool = False) -> dict[str, Any]:
 @click.argument("path")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for machines instead of a table.")
 @allow_pickle_option
-def inspect(path: str, as_json: bool, allow_pickle: bool) -> None:
+@skip_unknown_option
+def inspect(path: str, as_json: bool, allow_pickle: bool, skip_unknown: bool) -> None:
     """Show an adapter's format, base model, modules, ranks, scales, size and per-module update norms.
 
     Norms are computed on the factors (Frobenius norm of scale·B·A), so this is fast even for large adapters.
     """
     if is_bundle(path):
         return show_bundle(path, as_json=as_json)
-    info = describe(path, allow_pickle=allow_pickle)
+    info = describe(path, allow_pickle=allow_pickle, skip_unknown=skip_unknown)
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
     console = Console()
     console.print(
-        f"[bold]{info['path']}[/bold]  format={info['format']}  base_model={info['base_model'] or '?'}  "
+        f"[bold]{info['path']}[/bold]  format={info['format']}  family={info['family'] or '?'}  "
+        f"base_model={info['base_model'] or '?'}  "
         f"dtype={info['dtype']}  modules={info['modules']}  parameters={info['parameters']:,}  ranks={info['ranks']}"
     )
     table = Table("module", "shape", "rank", "scale", "alpha≡scale·r", "‖ΔW‖", "DoRA")
@@ -162,12 +181,19 @@ def inspect(path: str, as_json: bool, allow_pickle: bool) -> None:
             "yes" if m["dora"] else "",
         )
     console.print(table)
+    if info["side_cars"]:
+        side_cars = Table("side-car tensor (dense, summed by every method)", "shape", "‖·‖")
+        for car in info["side_cars"]:
+            side_cars.add_row(car["name"], "×".join(map(str, car["shape"])), f"{car['norm']:.4g}")
+        console.print(side_cars)
+    if info["unused_keys"]:
+        console.print(f"{len(info['unused_keys'])} unused keys: {', '.join(info['unused_keys'])}")
 
 
 @click.command()
 @click.argument("path")
 @click.option(
-    "--to", "to_format", type=click.Choice(["peft", "kohya", "diffusers"]), required=True, help="Target format."
+    "--to", "to_format", type=click.Choice(FORMAT_NAMES), required=True, help="Target format or trainer layout."
 )
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Where to write the result.")
 @dtype_option
@@ -176,6 +202,7 @@ def inspect(path: str, as_json: bool, allow_pickle: bool) -> None:
 def convert(path: str, to_format: str, output: Path, dtype: str | None, overwrite: bool, allow_pickle: bool) -> None:
     """Convert the adapter at PATH to another format; every module's update is kept exactly."""
     adapter = load_adapter(path, allow_pickle=allow_pickle)
+    check_not_input(output, [path, *([adapter.metadata.source] if adapter.metadata.source else [])])
     written = save_adapter(
         adapter, output, format=to_format, overwrite=overwrite, dtype=DTYPES[dtype] if dtype else None
     )

@@ -152,10 +152,11 @@ def scan(ctx: click.Context, folder: Path, output: Path | None, allow_pickle: bo
         raise click.BadParameter("the index is written as .json or .csv", param_hint="--output")
     index = scan_library(folder, allow_pickle=allow_pickle)
     console = Console(quiet=_quiet(ctx))
-    table = Table("adapter", "format", "base model", "modules", "ranks", "size", title=str(folder))
+    table = Table("adapter", "format", "family", "base model", "modules", "ranks", "size", title=str(folder))
     for e in index.entries:
         ranks = " ".join(map(str, e.ranks))
-        table.add_row(e.path, e.format, e.base_model or "?", str(e.modules), ranks, f"{e.size_bytes / 2**20:.1f} MiB")
+        size = f"{e.size_bytes / 2**20:.1f} MiB"
+        table.add_row(e.path, e.format, e.family or "?", e.base_model or "?", str(e.modules), ranks, size)
     console.print(table)
     for path, reason in index.unreadable:
         console.print(f"[red]unreadable[/] {path}: {reason}", markup=True, highlight=False)

@@ -15,8 +15,10 @@ import click
 import torch
 
 from ..errors import InvalidParameterError
+from ..io import FORMATS, LAYOUTS
 from ..methods import list_methods
 
+FORMAT_NAMES = [*FORMATS, *LAYOUTS]
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
@@ -76,7 +78,10 @@ def parse_weights(text: str | None) -> list[Any] | None:
     if path.suffix in (".json", ".yaml", ".yml") and path.is_file():
         import yaml
 
-        loaded = json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())
+        try:
+            loaded = json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())
+        except (ValueError, yaml.YAMLError) as err:  # ValueError: JSONDecodeError, UnicodeDecodeError
+            raise InvalidParameterError(f"{path}: the --weights file does not parse ({err})") from None
         if not isinstance(loaded, list):
             raise InvalidParameterError(f"{path}: --weights file must hold a list with one entry per adapter")
         return loaded
@@ -91,9 +96,9 @@ def parse_weights(text: str | None) -> list[Any] | None:
 format_option = click.option(
     "--format",
     "output_format",
-    type=click.Choice(["peft", "kohya", "diffusers"]),
+    type=click.Choice(FORMAT_NAMES),
     default=None,
-    help="Output format; the first input's format by default.",
+    help="Output format or trainer layout (kohya-flux, comfyui-wan, ...); the first input's format by default.",
 )
 dtype_option = click.option(
     "--dtype",
@@ -102,6 +107,11 @@ dtype_option = click.option(
     help="Output dtype; the first input's dtype by default (math runs in float32 or better).",
 )
 overwrite_option = click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+skip_unknown_option = click.option(
+    "--skip-unknown",
+    is_flag=True,
+    help="Read files with keys nothing understands, leaving those modules out (the summary counts the keys).",
+)
 allow_pickle_option = click.option(
     "--allow-pickle", is_flag=True, help="Read .bin/.pt/.ckpt pickle checkpoints (only for files you trust)."
 )

@@ -33,7 +33,7 @@ from ..merge import AdapterLike
 from ..weights import Weight
 from ._live import set_merge_weights
 
-__all__ = ["load_merged_adapters", "patch", "set_merge_weights"]
+__all__ = ["load_merged_adapters", "merge_schedule_callback", "patch", "set_merge_weights"]
 
 
 def _is_instance(host: Any, module: str, name: str) -> bool:
@@ -65,8 +65,12 @@ def load_merged_adapters(
         adapters (`list` of paths, hub ids or `Adapter`): the adapters, routed to the host's components by their
             module names (`unet.…`, `text_encoder.…`, `transformer.…`; module paths for LLMs).
         weights (`list`, *optional*): one weight per adapter (a number or per-module weights, see
-            `adaptermerge.weights`); 1.0 each by default.
-        method (`str`, defaults to `"linear"`): a registered merge method (see `adaptermerge.list_methods()`).
+            `adaptermerge.weights`); 1.0 each by default. In a diffusers pipeline, with `method="linear"`, any number
+            may be a step schedule (keyframes `[[0.0, 1.0], [0.6, 0.2]]` or a callable of the denoising progress,
+            see `adaptermerge.integrations.schedule`), applied by `merge_schedule_callback`.
+        method (`str`, defaults to `"linear"`): a registered merge method (see `adaptermerge.list_methods()`), or,
+            in a diffusers pipeline, the live mode `"k_lora"` for `[subject, style]` (parameters `pattern`, `alpha`,
+            `beta`; see `adaptermerge.integrations.k_lora`), applied by `merge_schedule_callback`.
         adapter_name (`str`, defaults to `"merged"`): the name of the merged adapter in the host.
         dtype (`torch.dtype`, *optional*): the merged adapter's dtype; the host's by default.
         **params: the method's parameters (`density=0.5`, `rank=16`, `seed=0`, ...).
@@ -95,12 +99,20 @@ def load_merged_adapters(
     )
 
 
+def merge_schedule_callback(pipe: Any, callback: Any = None, *, adapter_name: str = "merged") -> Any:
+    """The `callback_on_step_end` that applies a live merge's step schedule; see
+    :func:`adaptermerge.integrations.diffusers.merge_schedule_callback`."""
+    from .diffusers import merge_schedule_callback as callback_for
+
+    return callback_for(pipe, callback, adapter_name=adapter_name)
+
+
 def patch() -> None:
     """Add `load_merged_adapters` and `set_merge_weights` methods to the host libraries' classes.
 
     diffusers' `LoraBaseMixin` (so every pipeline that can load LoRAs), transformers' `PreTrainedModel` and peft's
-    `PeftModel` get both methods, with the signatures of the functions here minus the first argument. Libraries that
-    are not installed are skipped. Calling it twice is harmless.
+    `PeftModel` get both methods, with the signatures of the functions here minus the first argument; pipelines also
+    get `merge_schedule_callback`. Libraries that are not installed are skipped. Calling it twice is harmless.
     """
     targets = [
         ("diffusers.loaders.lora_base", "LoraBaseMixin"),
@@ -114,3 +126,5 @@ def patch() -> None:
             continue
         cls.load_merged_adapters = load_merged_adapters
         cls.set_merge_weights = set_merge_weights
+        if name == "LoraBaseMixin":
+            cls.merge_schedule_callback = merge_schedule_callback

@@ -5,10 +5,15 @@ so its rank `Σ r_t` does not depend on the weights. :class:`LiveMerge` keeps ea
 :meth:`LiveMerge.set_weights` rewrites only the columns of the host's `lora_B` weights in place: no file is read, no
 layer is rebuilt, and the cost is proportional to the size of the `lora_B` factors, not of the base model. A zero
 weight zeroes its block instead of dropping it, so the layers keep their shape.
+
+In a diffusers pipeline the weights may be step schedules (:mod:`.schedule`): the live merge then rewrites, between
+denoising steps, only the modules whose weights changed. Live modes such as `k_lora` give their own per-module
+weights as a function of the progress.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -21,16 +26,47 @@ from ..errors import IncompatibleAdaptersError, InvalidParameterError
 from ..lowrank import LowRank, concat
 from ..merge import AdapterLike, load_adapters, merge_adapters
 from ..weights import Weight, check_weights
+from .k_lora import klora_weights
+from .schedule import WeightSchedule
 
-__all__ = ["HostWeights", "LiveMerge", "build_merge", "check_host_modules"]
+__all__ = ["HostWeights", "LiveMerge", "ProgressWeights", "build_merge", "check_host_modules", "scheduled_weights"]
 
 logger = logging.getLogger(__name__)
 LIVE_ATTRIBUTE = "_adaptermerge_live"
 
+# Live modes: method name → `mode(adapters, params)`, which returns how the adapters' weights become a live merge's
+# `ProgressWeights` (so `set_merge_weights` keeps the mode).
+LIVE_MODES = {"k_lora": klora_weights}
+
+# The weights of a live merge at a denoising progress in [0, 1): `at(progress)(adapter index, module) -> weight`.
+ProgressWeights = Callable[[float], Callable[[int, str], float]]
+
+
+def scheduled_weights(weights: Sequence[Weight] | None, *, n_adapters: int, allow_schedules: bool) -> ProgressWeights:
+    """The per-module weights of `weights` (schedules allowed when `allow_schedules`) at each progress.
+
+    Raises:
+        InvalidParameterError: for bad weights, or for a schedule where `allow_schedules` is false.
+    """
+    schedule = WeightSchedule([1.0] * n_adapters if weights is None else weights)
+    if schedule.dynamic and not allow_schedules:
+        raise InvalidParameterError(
+            "weight schedules apply between denoising steps, to a live 'linear' merge of plain LoRAs (no rank, no "
+            "DoRA) in a diffusers pipeline; give plain numbers here"
+        )
+    check_weights(schedule.at(0.0), n_adapters)  # refuse bad weights now, not at the first step
+
+    def at(progress: float) -> Callable[[int, str], float]:
+        resolvers = check_weights(schedule.at(progress), n_adapters)
+        return lambda index, module: resolvers[index](module)
+
+    return at
+
 
 @dataclass
 class LiveMerge:
-    """The sources of a `linear` merge loaded into a host, to re-weight it in place.
+    """The sources of a live merge (`linear`, or a live mode such as `k_lora`) loaded into a host, to re-weight it in
+    place.
 
     Only the `B` factors are kept (the weights scale `B` alone), moved to the device of the host's layers.
 
@@ -38,13 +74,17 @@ class LiveMerge:
         adapter_name (`str`): the host's name of the merged adapter.
         sources (`dict[str, list[tuple[int, torch.Tensor]]]`): per module, `(adapter index, B of shape (out, r))`
             in the column order of the merged `lora_B`.
-        n_adapters (`int`): how many adapters were merged (the length `set_weights` expects).
+        weigh (`Callable`): maps the adapters' weights (as `set_weights` takes them) to the weights at each
+            denoising progress: plain numbers and schedules for `linear`, the switches of a live mode such as `k_lora`.
+        weights_at (`ProgressWeights`): the weights in use, at each progress.
     """
 
     adapter_name: str
     sources: dict[str, list[tuple[int, torch.Tensor]]]
-    n_adapters: int
+    weigh: Callable[[Sequence[Weight] | None], ProgressWeights]
+    weights_at: ProgressWeights
     layers: dict[str, torch.nn.Module] = field(default_factory=dict)
+    _written: dict[str, tuple[float, ...]] = field(default_factory=dict)
 
     def attach(self, find: Callable[[str], torch.nn.Module]) -> None:
         """Record the host's LoRA layer of every module (`find(module)`) and move the sources to its device."""
@@ -54,21 +94,39 @@ class LiveMerge:
             self.sources[module] = [(i, up.to(weight.device, weight.dtype)) for i, up in sources]
 
     def set_weights(self, weights: Sequence[Weight]) -> None:
-        """Write the blocks `w_t B_t` into the host's merged `lora_B` weights, in place.
+        """Write the blocks `w_t B_t` into the host's merged `lora_B` weights, in place (those of progress 0 for
+        step schedules).
 
         Raises:
-            InvalidParameterError: for a weight list of the wrong length or a weight that is not a finite number.
+            InvalidParameterError: for a weight list of the wrong length, a weight that is not a finite number, or a
+                schedule in a host without denoising steps.
             IncompatibleAdaptersError: when the merged adapter was fused, deleted or replaced in the host.
         """
-        resolvers = check_weights(weights, self.n_adapters)
+        self.weights_at = self.weigh(weights)
+        self._written.clear()
+        self.apply(0.0)
+
+    def apply(self, progress: float) -> int:
+        """Write the weights at `progress` into the modules whose weights changed since the last write.
+
+        Returns:
+            `int`: how many modules were rewritten.
+        """
+        weight = self.weights_at(progress)
+        changed = 0
         with torch.no_grad():
             for module, sources in self.sources.items():
-                weight = self._lora_B(module)
+                values = tuple(weight(index, module) for index, _ in sources)
+                if self._written.get(module) == values:
+                    continue
+                lora_B = self._lora_B(module)
                 offset = 0
-                for index, up in sources:
-                    block = weight[:, offset : offset + up.shape[1]]
-                    block.copy_(up).mul_(resolvers[index](module))
+                for (_, up), value in zip(sources, values):
+                    lora_B[:, offset : offset + up.shape[1]].copy_(up).mul_(value)
                     offset += up.shape[1]
+                self._written[module] = values
+                changed += 1
+        return changed
 
     def _lora_B(self, module: str) -> torch.Tensor:
         """The merged `lora_B` weight of `module`, viewed as `(out, R)`; refuses fused or removed adapters."""
@@ -133,38 +191,54 @@ def build_merge(
     dtype: torch.dtype | None,
     params: dict[str, Any],
     find: Callable[[str], torch.nn.Module | None] | None = None,
+    allow_schedules: bool = False,
 ) -> tuple[Adapter, LiveMerge | None]:
-    """The merged adapter to load and, for a plain `linear` merge, the state that re-weights it live.
+    """The merged adapter to load and, for a plain `linear` merge or a live mode, the state that re-weights it live.
 
     `linear` without `rank` concatenates every adapter that has a module, zero weights included (as zero blocks),
-    so later weights can be written into the same layers. Every other method goes through :func:`merge_adapters`,
-    and so do DoRA adapters: their merged magnitudes depend on the weights and on `W0`, which `find` (the host's
-    layer for a module name) supplies from the host itself.
+    so later weights can be written into the same layers; its weights may be step schedules when `allow_schedules`
+    (the merge is built with those of progress 0). A live mode of `LIVE_MODES` (`k_lora`) is loaded the same way, its
+    weights switching per module over the progress. Every other method goes through :func:`merge_adapters`, and so do
+    DoRA adapters: their merged magnitudes depend on the weights and on `W0`, which `find` (the host's layer for a
+    module name) supplies from the host itself.
     """
     loaded = load_adapters(adapters)
     modules = module_union(loaded)
     base = None if find is None else HostWeights(find, modules)
-    if method != "linear" or params or any(adapter.is_dora for adapter in loaded):
+    mode = LIVE_MODES.get(method)
+    if mode is not None:
+        if not allow_schedules:
+            raise InvalidParameterError(
+                f"{method!r} switches adapters between denoising steps: diffusers pipelines only"
+            )
+        weigh = mode(loaded, params)
+    elif method == "linear" and not params and not any(adapter.is_dora for adapter in loaded):
+        weigh = functools.partial(scheduled_weights, n_adapters=len(loaded), allow_schedules=allow_schedules)
+    else:
+        scheduled_weights(weights, n_adapters=len(loaded), allow_schedules=False)  # refuses schedules
         merged = merge_adapters(loaded, weights, method, dtype=dtype, adapter_name=adapter_name, base=base, **params)
         return merged, None
-    resolvers = check_weights(weights, len(loaded))
     check_compatible(loaded, modules)
+    weights_at = weigh(weights)
+    weight = weights_at(0.0)
     out_dtype = dtype or loaded[0].metadata.dtype
     sources: dict[str, list[tuple[int, torch.Tensor]]] = {}
     merged: dict[str, LowRank] = {}
     for module in modules:
         pairs = [(i, a[module].to(out_dtype)) for i, a in enumerate(loaded) if module in a]
         sources[module] = [(i, update.B) for i, update in pairs]
-        merged[module] = concat([u for _, u in pairs], [resolvers[i](module) for i, _ in pairs]).to(out_dtype)
+        merged[module] = concat([u for _, u in pairs], [weight(i, module) for i, _ in pairs]).to(out_dtype)
     first = loaded[0].metadata
-    provenance = {"method": "linear", "weights": [r.spec for r in resolvers], "sources": [a.name for a in loaded]}
+    described = WeightSchedule([1.0] * len(loaded) if weights is None else weights).describe()
+    provenance = {"method": method, "params": params, "weights": described, "sources": [a.name for a in loaded]}
     metadata = AdapterMetadata(
         base_model=first.base_model,
         format=first.format,
         dtype=out_dtype,
         extra={**first.extra, "provenance": provenance},
     )
-    return Adapter(merged, metadata, adapter_name), LiveMerge(adapter_name, sources, len(loaded))
+    state = LiveMerge(adapter_name, sources, weigh, weights_at)
+    return Adapter(merged, metadata, adapter_name), state
 
 
 def check_host_modules(adapter: Adapter, find: Callable[[str], torch.nn.Module | None], host: str) -> None:
@@ -202,6 +276,9 @@ def host_live(host: Any) -> dict[str, LiveMerge]:
 
 def set_merge_weights(host: Any, weights: Sequence[Weight], *, adapter_name: str = "merged") -> None:
     """Change the weights of a `linear` merge loaded by `load_merged_adapters`, in place (see module docstring).
+
+    In a diffusers pipeline the weights may be step schedules (see :mod:`.schedule`); those of progress 0 are
+    written now, the others by `merge_schedule_callback` during denoising.
 
     Raises:
         InvalidParameterError: when no live `linear` merge of that name is loaded in `host`, or for bad weights.

@@ -11,16 +11,18 @@ from __future__ import annotations
 
 import functools
 import logging
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from ..adapter import Adapter
-from ..errors import IncompatibleAdaptersError
+from ..errors import AdapterMergeWarning, IncompatibleAdaptersError, IncompatibleVersionsError
 from ..io import peft as peft_io
 from ..merge import AdapterLike
 from ..weights import Weight
+from ._compat import gate_message, transformers_peft_minimum
 from ._live import build_merge, check_host_modules, host_live
 
 __all__ = ["load_into_model"]
@@ -35,6 +37,13 @@ def _find(model: torch.nn.Module, module: str) -> torch.nn.Module | None:
         return None
 
 
+def _check_filled(result: Any, adapter_name: str) -> None:
+    """Refuses a load that left some of the merge's LoRA tensors at their initial values."""
+    missing = [key for key in result.missing_keys if f".{adapter_name}." in key and "lora_" in key]
+    if missing:
+        raise IncompatibleAdaptersError(f"peft did not fill {missing[0]} (and {len(missing) - 1} more) from the merge")
+
+
 def _load_into_peft_model(model: Any, state_dict: dict, config: dict, adapter_name: str) -> None:
     from peft import LoraConfig
     from peft.utils import set_peft_model_state_dict
@@ -42,16 +51,60 @@ def _load_into_peft_model(model: Any, state_dict: dict, config: dict, adapter_na
     if adapter_name in model.peft_config:
         model.delete_adapter(adapter_name)
     model.add_adapter(adapter_name, LoraConfig(**config))
-    result = set_peft_model_state_dict(model, state_dict, adapter_name=adapter_name)
-    missing = [key for key in result.missing_keys if f".{adapter_name}." in key and "lora_" in key]
-    if missing:
-        raise IncompatibleAdaptersError(f"peft did not fill {missing[0]} (and {len(missing) - 1} more) from the merge")
+    _check_filled(set_peft_model_state_dict(model, state_dict, adapter_name=adapter_name), adapter_name)
     model.set_adapter(adapter_name)
+
+
+def _load_through_peft(model: Any, state_dict: dict, config: dict, adapter_name: str, minimum: str) -> None:
+    """Loads the merge with peft's own API where transformers refuses the installed peft (its version gate).
+
+    This is what transformers' `load_adapter` does after its gate: inject the LoRA layers, fill them and record the
+    config, so the model computes with the merge and `set_merge_weights` works. transformers' own adapter methods
+    (`set_adapter`, `disable_adapters`, ...) still refuse the model until the versions agree; the warning says so.
+    """
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils import set_peft_model_state_dict
+
+    found = gate_message(minimum)
+    warnings.warn(
+        f"{found}: adaptermerge loads the merged adapter through peft's own API; transformers' adapter methods "
+        f"(set_adapter, disable_adapters, ...) refuse this model until you pip install 'peft>={minimum}' or a "
+        "transformers release that accepts your peft",
+        AdapterMergeWarning,
+        stacklevel=5,
+    )
+    for layer in model.modules():
+        if isinstance(layer, BaseTunerLayer) and adapter_name in layer.lora_A:
+            layer.delete_adapter(adapter_name)
+    configs = dict(getattr(model, "peft_config", {}))
+    configs.pop(adapter_name, None)
+    if not configs and hasattr(model, "peft_config"):
+        del model.peft_config  # else peft warns of "multiple adapters" when one replaces itself
+    peft_config = LoraConfig(**config)
+    try:
+        inject_adapter_in_model(peft_config, model, adapter_name)
+        model.peft_config = {**configs, adapter_name: peft_config}
+        relative = {key.removeprefix(peft_io.PREFIX): value for key, value in state_dict.items()}
+        _check_filled(set_peft_model_state_dict(model, relative, adapter_name=adapter_name), adapter_name)
+    except (TypeError, AttributeError, KeyError, ValueError) as err:
+        raise IncompatibleVersionsError(
+            f"{found}, and loading through peft's own API failed too ({err}); pip install 'peft>={minimum}' or a "
+            "transformers release that accepts your peft (`adaptermerge env` shows what is installed)"
+        ) from err
+    model._hf_peft_config_loaded = True
+    for layer in model.modules():
+        if isinstance(layer, BaseTunerLayer):
+            layer.set_adapter(adapter_name)
 
 
 def _load_into_transformers_model(model: Any, state_dict: dict, config: dict, adapter_name: str) -> None:
     from peft import LoraConfig
 
+    minimum = transformers_peft_minimum()
+    if minimum is not None:
+        _load_through_peft(model, state_dict, config, adapter_name, minimum)
+        return
     if getattr(model, "_hf_peft_config_loaded", False) and adapter_name in model.peft_config:
         model.delete_adapter(adapter_name)
     # transformers renames `<layer>.lora_magnitude_vector` (peft's file key) to a key without `.weight` and then drops

@@ -7,24 +7,44 @@ from pathlib import Path
 from types import ModuleType
 
 from ..errors import AdapterFormatError
-from . import diffusers, kohya, peft
+from . import diffusers, flux, hunyuan_video, kohya, peft, peft_state_dict, qwen_image, sd3, wan
+from ._layout import Layout
 from ._source import PICKLE_SUFFIXES, open_source
 
 # Order matters: a PEFT folder is recognised by its config before any key sniffing.
 FORMATS: dict[str, ModuleType] = {"peft": peft, "diffusers": diffusers, "kohya": kohya}
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# Trainer layouts of DiT families, each a name map onto its family's diffusers names; checked before the formats
+# above, since kohya Flux and musubi Wan keys also start with `lora_unet_` and fal's with `base_model.model.`.
+LAYOUTS: dict[str, Layout] = {
+    layout.name: layout
+    for layout in (
+        *flux.LAYOUTS,
+        *sd3.LAYOUTS,
+        *hunyuan_video.LAYOUTS,
+        *wan.LAYOUTS,
+        *qwen_image.LAYOUTS,
+        *peft_state_dict.LAYOUTS,
+    )
+}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}$")
 
 
-def format_module(name: str) -> ModuleType:
-    """The io module of format `name`.
+def is_hub_id(text: str) -> bool:
+    """Whether `text` is a hub repository id, `owner/name`, by huggingface_hub's rules (no `..`, `--` or `.git`)."""
+    return bool(_HUB_ID.match(text)) and ".." not in text and "--" not in text and not text.endswith(".git")
+
+
+def format_module(name: str) -> ModuleType | Layout:
+    """The io module of format `name`, or the :class:`Layout` of a trainer layout.
 
     Raises:
         AdapterFormatError: listing the known formats.
     """
+    known = {**FORMATS, **LAYOUTS}
     try:
-        return FORMATS[name]
+        return known[name]
     except KeyError:
-        raise AdapterFormatError(f"unknown adapter format {name!r}; choose one of: {', '.join(FORMATS)}") from None
+        raise AdapterFormatError(f"unknown adapter format {name!r}; choose one of: {', '.join(known)}") from None
 
 
 def _weights_candidates(folder: Path) -> list[Path]:
@@ -41,7 +61,7 @@ def detect_format(path: str | Path, *, allow_pickle: bool = False) -> str:
     """
     path = Path(path)
     if not path.exists():
-        hint = " (it looks like a hub id: is the network reachable?)" if _HUB_ID.match(str(path)) else ""
+        hint = " (it looks like a hub id: is the network reachable?)" if is_hub_id(str(path)) else ""
         raise AdapterFormatError(f"{path}: no such file or folder{hint}")
     if path.is_dir():
         # Folders are recognised by their file names (adapter_config.json, pytorch_lora_weights.*).
@@ -56,7 +76,7 @@ def detect_format(path: str | Path, *, allow_pickle: bool = False) -> str:
         )
     file = files[0]
     keys = open_source(file, allow_pickle=allow_pickle).keys()
-    for name, module in FORMATS.items():
+    for name, module in {**LAYOUTS, **FORMATS}.items():
         if module.detect(file, keys):
             return name
     shown = ", ".join(keys[:3]) or "no tensors"

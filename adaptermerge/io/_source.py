@@ -7,6 +7,8 @@ holds one module of each input at a time.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import struct
 from collections.abc import Iterator, Mapping
@@ -20,6 +22,7 @@ from safetensors import SafetensorError, safe_open
 from ..adapter import Adapter, AdapterMetadata
 from ..errors import AdapterFormatError, InvalidTensorError, UnsafeFormatError
 from ..lowrank import LowRank
+from ._validate import factor_shapes, warn_zero_scales
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 _SAFETENSORS_DTYPES = {
@@ -66,7 +69,7 @@ class SafetensorsSource(TensorSource):
         try:
             self._file = safe_open(str(path), framework="pt")
             self._keys = list(self._file.keys())
-        except (SafetensorError, OSError, ValueError) as err:
+        except (SafetensorError, OSError, ValueError, RuntimeError) as err:  # RuntimeError: the map does not fit
             raise AdapterFormatError(
                 f"{path}: not a readable safetensors file ({err}); it may be truncated or another format"
             ) from None
@@ -163,6 +166,15 @@ class ModuleEntry:
     up_key: str
     scale: float = 1.0
     magnitude_key: str | None = None
+    # `(start, stop)` row ranges of `up` that make this module's `B`, in order: one part of a fused projection
+    # (a kohya Flux qkv read as q, k and v sharing A) or a permutation of its rows; empty for all rows.
+    rows: tuple[tuple[int, int], ...] = ()
+
+    def take_rows(self, up: torch.Tensor) -> torch.Tensor:
+        """This module's rows of the file's `up` tensor (a view when they are one range)."""
+        if len(self.rows) == 1:
+            return up[self.rows[0][0] : self.rows[0][1]]
+        return torch.cat([up[start:stop] for start, stop in self.rows]) if self.rows else up
 
 
 class LazyModules(Mapping[str, LowRank]):
@@ -178,23 +190,28 @@ class LazyModules(Mapping[str, LowRank]):
         self._shapes = {name: self._check_shapes(name, entry) for name, entry in self.entries.items()}
 
     def _check_shapes(self, name: str, entry: ModuleEntry) -> tuple[int, ...]:
-        down, up = self.source.shape(entry.down_key), self.source.shape(entry.up_key)
-        if len(down) not in (2, 4) or len(up) != len(down) or up[1] != down[0] or any(s != 1 for s in up[2:]):
-            raise AdapterFormatError(
-                f"{self.source.name}: module {name!r} has factors of shapes {down} (down/A) and {up} (up/B), "
-                "which do not form a LoRA pair (A: (r, in[, kh, kw]), B: (out, r[, 1, 1]))"
-            )
+        if not isinstance(entry, ModuleEntry):  # a LyCORIS module (io.lycoris.LycorisEntry) checks itself
+            return entry.check(self.source, name)
+        down, up = factor_shapes(self.source, name, entry.down_key, entry.up_key, entry.magnitude_key)
         in_flat = down[1] * (down[2] * down[3] if len(down) == 4 else 1)
-        return (up[0], in_flat, *down[2:])
+        out = sum(stop - start for start, stop in entry.rows) if entry.rows else up[0]
+        if any(stop > up[0] for _, stop in entry.rows):
+            raise AdapterFormatError(
+                f"{self.source.name}: module {name!r} takes rows up to {max(s for _, s in entry.rows)} of a fused "
+                f"up/B factor of shape {up}"
+            )
+        return (out, in_flat, *down[2:])
 
     def shape_of(self, name: str) -> tuple[int, ...]:
         return self._shapes[name]
 
     def rank_of(self, name: str) -> int:
-        return self.source.shape(self.entries[name].down_key)[0]
+        entry = self.entries[name]
+        return self.source.shape(entry.down_key)[0] if isinstance(entry, ModuleEntry) else entry.rank(self.source)
 
     def dtype_of(self, name: str) -> torch.dtype:
-        return self.source.dtype(self.entries[name].down_key)
+        entry = self.entries[name]
+        return self.source.dtype(entry.down_key) if isinstance(entry, ModuleEntry) else entry.dtype(self.source)
 
     def has_magnitude(self, name: str) -> bool:
         """Whether the module is DoRA, from its keys alone."""
@@ -202,7 +219,11 @@ class LazyModules(Mapping[str, LowRank]):
 
     def __getitem__(self, name: str) -> LowRank:
         entry = self.entries[name]
-        lowrank = LowRank.from_weights(self.source.get(entry.down_key), self.source.get(entry.up_key), entry.scale)
+        if not isinstance(entry, ModuleEntry):
+            lowrank = entry.read(self.source, name)
+        else:
+            up = entry.take_rows(self.source.get(entry.up_key))
+            lowrank = LowRank.from_weights(self.source.get(entry.down_key), up, entry.scale)
         if entry.magnitude_key is not None:
             magnitude = self.source.get(entry.magnitude_key).reshape(-1)
             lowrank = LowRank(lowrank.A, lowrank.B, lowrank.kernel_size, magnitude)
@@ -222,8 +243,37 @@ class LazyModules(Mapping[str, LowRank]):
         return name in self.entries
 
 
-def lazy_adapter(source: TensorSource, entries: Mapping[str, ModuleEntry], name: str, **metadata: Any) -> Adapter:
-    """An adapter whose modules are read from `source` on access; `metadata` fills :class:`AdapterMetadata`.
+class LazyTensors(Mapping[str, torch.Tensor]):
+    """Side-car name → dense tensor, read from the source on access: `(key, rows)` per name, rows as in
+    :class:`ModuleEntry` (a fused module's bias or delta split like its `B`)."""
+
+    def __init__(self, source: TensorSource, keys: Mapping[str, tuple[str, tuple[tuple[int, int], ...]]]) -> None:
+        self.source = source
+        self.keys_of = dict(keys)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        key, rows = self.keys_of[name]
+        tensor = ModuleEntry(key, key, rows=rows).take_rows(self.source.get(key))
+        if not torch.isfinite(tensor).all():
+            raise InvalidTensorError(f"{self.source.name}: side-car tensor {key!r} holds NaN or Inf values")
+        return tensor
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys_of)
+
+    def __len__(self) -> int:
+        return len(self.keys_of)
+
+
+def lazy_adapter(
+    source: TensorSource,
+    entries: Mapping[str, ModuleEntry],
+    name: str,
+    side_cars: Mapping[str, tuple[str, tuple[tuple[int, int], ...]]] | None = None,
+    **metadata: Any,
+) -> Adapter:
+    """An adapter whose modules (and side-car tensors) are read from `source` on access; `metadata` fills
+    :class:`AdapterMetadata`.
 
     Raises:
         AdapterFormatError: when the source holds no LoRA module.
@@ -231,13 +281,40 @@ def lazy_adapter(source: TensorSource, entries: Mapping[str, ModuleEntry], name:
     modules = LazyModules(source, entries)
     if not modules:
         raise AdapterFormatError(f"{source.name}: holds no LoRA modules")
+    warn_zero_scales(
+        source, {module: entry.scale for module, entry in modules.entries.items() if isinstance(entry, ModuleEntry)}
+    )
     dtype = modules.dtype_of(next(iter(modules)))
-    return Adapter(modules, AdapterMetadata(source=source.name, dtype=dtype, **metadata), name)
+    metadata = AdapterMetadata(source=source.name, dtype=dtype, **metadata)
+    return Adapter(modules, metadata, name, LazyTensors(source, side_cars or {}))
+
+
+_SKIPPED: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("skipped_unknown_keys", default=None)
+
+
+@contextlib.contextmanager
+def skipping_unknown_keys(skip: bool = True) -> Iterator[list[str]]:
+    """Within the block, format parsers leave out keys they do not understand instead of refusing the file, and
+    the yielded list collects them (with `skip` false, nothing changes and the list stays empty)."""
+    skipped: list[str] = []
+    token = _SKIPPED.set(skipped if skip else None)
+    try:
+        yield skipped
+    finally:
+        _SKIPPED.reset(token)
+
+
+def unknown_keys_skipped() -> bool:
+    """Whether parsers are inside :func:`skipping_unknown_keys`."""
+    return _SKIPPED.get() is not None
 
 
 def take_unused(keys: list[str], used: set[str], source: TensorSource, what: str) -> None:
-    """Fail loudly, as diffusers' converters do, when a format parser left keys it did not understand."""
+    """Fail loudly, as diffusers' converters do, when a format parser left keys it did not understand (inside
+    :func:`skipping_unknown_keys`, record them instead)."""
     left = [k for k in keys if k not in used]
-    if left:
+    if left and (skipped := _SKIPPED.get()) is not None:
+        skipped.extend(left)
+    elif left:
         shown = ", ".join(left[:5]) + (f" and {len(left) - 5} more" if len(left) > 5 else "")
         raise AdapterFormatError(f"{source.name}: keys that are not {what} LoRA weights: {shown}")

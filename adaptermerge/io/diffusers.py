@@ -31,6 +31,7 @@ from ..adapter import DIFFUSION_COMPONENTS, Adapter
 from ..errors import AdapterFormatError
 from ..patterns import find_pattern_key
 from ._source import DictSource, ModuleEntry, TensorSource, lazy_adapter, open_source, take_unused
+from ._validate import alpha_tensor, factor_shapes, lora_config
 from ._write import atomic_path, magnitude_tensor, provenance_metadata, save_tensors
 
 FORMAT = "diffusers"
@@ -110,11 +111,18 @@ def read_metadata(source: TensorSource) -> dict[str, dict[str, Any]]:
         flat = json.loads(raw)
     except json.JSONDecodeError as err:
         raise AdapterFormatError(f"{source.name}: {METADATA_KEY} in the header is not valid JSON ({err})") from None
+    if not isinstance(flat, dict):
+        raise AdapterFormatError(
+            f"{source.name}: {METADATA_KEY} in the header is a JSON {type(flat).__name__}, not an object"
+        )
     configs: dict[str, dict[str, Any]] = {}
     for key, value in flat.items():
         component, _, field = key.partition(".")
         configs.setdefault(component, {})[field] = value
-    return configs
+    return {
+        component: lora_config(config, f"{source.name} ({METADATA_KEY}, {component})")
+        for component, config in configs.items()
+    }
 
 
 def _config_scale(module: str, rank: int, config: Mapping[str, Any]) -> float:
@@ -141,9 +149,9 @@ def parse(source: TensorSource) -> dict[str, ModuleEntry]:
         name = canonical_name(component, module)
         if "down" not in roles or "up" not in roles:
             raise AdapterFormatError(f"{source.name}: module {name!r} has only one of lora_A/lora_B (down/up)")
-        rank = source.shape(roles["down"])[0]
+        rank = factor_shapes(source, name, roles["down"], roles["up"])[0][0]
         if "alpha" in roles:
-            scale = float(source.get(roles["alpha"])) / rank
+            scale = alpha_tensor(source, roles["alpha"], name) / rank
         elif component in configs:
             scale = _config_scale(module, rank, configs[component])
         else:

@@ -26,6 +26,7 @@ import torch
 
 from ..adapter import Adapter
 from ..errors import AdapterFormatError
+from . import lycoris
 from ._source import (
     PICKLE_SUFFIXES,
     DictSource,
@@ -34,7 +35,9 @@ from ._source import (
     lazy_adapter,
     open_source,
     take_unused,
+    unknown_keys_skipped,
 )
+from ._validate import alpha_tensor, factor_shapes
 from ._write import atomic_path, provenance_metadata, save_tensors
 from .diffusers import canonical_name, require_components, split_component
 
@@ -45,9 +48,10 @@ PREFIXES = {
     "lora_te1_": "text_encoder",
     "lora_te2_": "text_encoder_2",
     "lora_te3_": "text_encoder_3",
+    "lora_transformer_": "transformer",  # OneTrainer's DiT files (Flux.1), diffusers module names
 }
 _SUFFIXES = {".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha"}
-_LYCORIS = ("lora_mid", "hada_", "lokr_", "dora_scale", ".diff", "oft_")
+_LYCORIS = ("lora_mid", "dora_scale", ".diff", "oft_")
 _FUSED_QKV_BLOCKS = ("lora_unet_double_blocks_", "lora_unet_single_blocks_", "lora_unet_joint_blocks_")
 # Identifiers with underscores in diffusers UNets/transformers, transformers' CLIP/T5 and LDM/SGM UNets. Every
 # other `_` of a kohya name is a `.`.
@@ -62,6 +66,7 @@ _WORDS = frozenset(
         *("text_embedder", "text_model", "text_projection", "time_emb_proj", "time_embed", "time_embedding"),
         *("time_text_embed", "timestep_embedder", "to_add_out", "to_k", "to_out", "to_q", "to_v", "token_embedding"),
         *("transformer_blocks", "up_blocks", "v_proj", "wi_0", "wi_1", "x_embedder"),
+        *("img_in", "img_mlp", "img_mod", "txt_in", "txt_mlp", "txt_mod"),  # Qwen-Image
     }
 )
 _LONGEST_WORD = max(word.count("_") + 1 for word in _WORDS)
@@ -86,10 +91,13 @@ _SGM_FIXED = {
 
 
 def detect(path: Path, keys: list[str]) -> bool:
-    """A file whose keys all start with a kohya prefix and hold at least one `lora_down`."""
+    """A file whose keys all start with a kohya prefix and hold at least one `lora_down` (or LoHa/LoKr factor)."""
     if path.is_dir():
         return False
-    return bool(keys) and all(k.startswith(tuple(PREFIXES)) for k in keys) and any(".lora_down." in k for k in keys)
+    markers = (".lora_down.", *lycoris.SUFFIXES)
+    return (
+        bool(keys) and all(k.startswith(tuple(PREFIXES)) for k in keys) and any(m in k for k in keys for m in markers)
+    )
 
 
 def _dotted(flat: str) -> str:
@@ -161,8 +169,8 @@ def module_name(lora_name: str) -> str:
         raise AdapterFormatError(f"{lora_name!r} has none of the kohya prefixes {', '.join(PREFIXES)}")
     if lora_name.startswith(_FUSED_QKV_BLOCKS):
         raise AdapterFormatError(
-            f"{lora_name!r} is a kohya Flux/SD3 module (BFL/SAI names, fused qkv), which cannot be mapped name by "
-            "name; load the file with diffusers' pipe.load_lora_weights and save it with pipe.save_lora_weights"
+            f"{lora_name!r} is a kohya Flux/SD3 module (BFL/SAI names, fused qkv); Flux.1 files are read by the "
+            "kohya-flux layout (format='kohya-flux'), which takes files whose every key is a Flux.1 module"
         )
     path = _dotted(lora_name[len(prefix) :])
     component = PREFIXES[prefix]
@@ -171,6 +179,11 @@ def module_name(lora_name: str) -> str:
         if path.split(".")[0] not in _UNET_ROOTS:
             component = "transformer"
     return canonical_name(component, path)
+
+
+def component_path(component: str, path: str, *, flat: bool) -> str:
+    """The adapter's name of a module of `component` named by its path, dotted or kohya-flattened (`flat`)."""
+    return canonical_name(component, _dotted(path) if flat else path)
 
 
 def lora_name(name: str, *, two_text_encoders: bool = False) -> str:
@@ -188,26 +201,38 @@ def lora_name(name: str, *, two_text_encoders: bool = False) -> str:
 def parse(source: TensorSource) -> dict[str, ModuleEntry]:
     """Module name → entry for every module of a kohya state dict; refuses keys it cannot place."""
     keys = source.keys()
-    lycoris = next((k for k in keys if any(marker in k for marker in _LYCORIS)), None)
-    if lycoris is not None:
+    unsupported = next((k for k in keys if any(marker in k for marker in _LYCORIS)), None)
+    if unsupported is not None and unknown_keys_skipped():
+        # A module with a key we cannot read (a Tucker core, a DoRA scale) is left out whole: its other factors
+        # alone would be another update.
+        skipped = {k.split(".")[0] for k in keys if any(marker in k for marker in _LYCORIS)}
+        keys = [k for k in keys if k.split(".")[0] not in skipped]
+        take_unused(source.keys(), set(keys), source, "kohya")
+    elif unsupported is not None:
         raise AdapterFormatError(
-            f"{source.name}: key {lycoris!r} belongs to a LyCORIS module (LoHa, LoKr, Tucker, DoRA, OFT or full "
-            "diff); only plain LoRA/LoCon modules (lora_down, lora_up, alpha) can be merged"
+            f"{source.name}: key {unsupported!r} belongs to a LyCORIS module (Tucker LoCon, DoRA, OFT or full diff); "
+            "only LoRA/LoCon, LoHa and LoKr modules can be merged"
         )
     found: dict[str, dict[str, str]] = {}
+    roles_by_suffix = {**_SUFFIXES, **{suffix: suffix[1:] for suffix in lycoris.SUFFIXES}}
     for key in keys:
-        for suffix, role in _SUFFIXES.items():
+        for suffix, role in roles_by_suffix.items():
             if key.endswith(suffix) and key.startswith(tuple(PREFIXES)):
                 found.setdefault(key[: -len(suffix)], {})[role] = key
-    entries: dict[str, ModuleEntry] = {}
+    entries: dict[str, ModuleEntry | lycoris.LycorisEntry] = {}
     for flat, roles in found.items():
         name = module_name(flat)
+        factors = {role: key for role, key in roles.items() if role.startswith(("hada_", "lokr_"))}
+        if factors:  # a LoHa or LoKr module, read as its exact low-rank form
+            entries[name] = lycoris.LycorisEntry(factors, roles.get("alpha"))
+            lycoris.warn_if_full_rank(source, name, entries[name])
+            continue
         if "down" not in roles or "up" not in roles:
             raise AdapterFormatError(f"{source.name}: module {flat!r} has only one of lora_down/lora_up")
         if name in entries:
             raise AdapterFormatError(f"{source.name}: two kohya modules map to {name!r} (the second is {flat!r})")
-        rank = source.shape(roles["down"])[0]
-        alpha = float(source.get(roles["alpha"])) if "alpha" in roles else 0.0
+        rank = factor_shapes(source, flat, roles["down"], roles["up"])[0][0]
+        alpha = alpha_tensor(source, roles["alpha"], flat) if "alpha" in roles else 0.0
         # sd-scripts and A1111 treat a missing (or zero) alpha as alpha = rank.
         entries[name] = ModuleEntry(roles["down"], roles["up"], alpha / rank if alpha else 1.0)
     take_unused(keys, {k for roles in found.values() for k in roles.values()}, source, "kohya")

@@ -22,6 +22,7 @@ from ..adapter import Adapter
 from ..errors import AdapterFormatError
 from ..patterns import anchored, find_pattern_key
 from ._source import DictSource, ModuleEntry, TensorSource, lazy_adapter, open_source, take_unused
+from ._validate import factor_shapes, lora_config, warn
 from ._write import atomic_path, magnitude_tensor, provenance_metadata, save_tensors
 
 FORMAT = "peft"
@@ -51,8 +52,10 @@ def _weights_file(path: Path) -> Path:
 def read_config(path: Path) -> dict[str, Any]:
     """The adapter config, checked to be a LoRA config."""
     try:
-        config = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+        config = lora_config(json.loads(path.read_text()), str(path))
+    except (OSError, ValueError) as err:  # ValueError: JSONDecodeError, UnicodeDecodeError
+        if isinstance(err, AdapterFormatError):
+            raise
         raise AdapterFormatError(f"{path}: not a readable JSON adapter config ({err})") from None
     peft_type = config.get("peft_type", "LORA")
     if peft_type != "LORA":
@@ -70,23 +73,41 @@ def module_scale(name: str, rank: int, config: Mapping[str, Any]) -> float:
     return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
 
 
+def _check_against_config(source: TensorSource, ranks: Mapping[str, int], dora: bool, config: Mapping[str, Any]):
+    """Warn when the config's `r` (or `rank_pattern`) or `use_dora` disagrees with the tensors, which win."""
+    rank_pattern = config.get("rank_pattern") or {}
+    if "r" in config:
+        expected = {m: rank_pattern.get(find_pattern_key(rank_pattern, m), config["r"]) for m in ranks}
+        differ = [m for m in ranks if ranks[m] != expected[m]]
+        if differ:
+            warn(
+                f"{source.name}: the config gives {len(differ)} modules another rank than their tensors (first: "
+                f"{differ[0]!r}, rank {expected[differ[0]]} in the config, {ranks[differ[0]]} in the file); "
+                "the tensors' ranks are used"
+            )
+    if config.get("use_dora") and not dora:
+        warn(f"{source.name}: the config says use_dora but no module has a lora_magnitude_vector; read as plain LoRA")
+
+
 def parse(source: TensorSource, config: Mapping[str, Any]) -> dict[str, ModuleEntry]:
     """Module name → entry for every LoRA module in a PEFT state dict; refuses keys it cannot place."""
+    config = lora_config(config, source.name)
     keys = source.keys()
     found: dict[str, dict[str, str]] = {}
     for key in keys:
         for suffix, role in _SUFFIXES.items():
             if key.startswith(PREFIX) and key.endswith(suffix):
                 found.setdefault(key[len(PREFIX) : -len(suffix)], {})[role] = key
-    entries = {}
+    entries, ranks = {}, {}
     for name, roles in found.items():
         if "down" not in roles or "up" not in roles:
             raise AdapterFormatError(f"{source.name}: module {name!r} has only one of lora_A/lora_B")
-        rank = source.shape(roles["down"])[0]
+        rank = ranks[name] = factor_shapes(source, name, roles["down"], roles["up"])[0][0]
         entries[name] = ModuleEntry(
             roles["down"], roles["up"], module_scale(name, rank, config), roles.get("magnitude")
         )
     take_unused(keys, {k for roles in found.values() for k in roles.values()}, source, "PEFT")
+    _check_against_config(source, ranks, any(e.magnitude_key for e in entries.values()), config)
     return entries
 
 

@@ -18,6 +18,7 @@ from ..errors import AdapterMergeError
 from ..io import FORMATS
 from ..methods import list_methods
 from .diffusion import DIFFUSION_ADAPTERS, PipelinePreview
+from .fusion import fusion_section
 from .workbench import (
     DEMO,
     MAX_ADAPTERS,
@@ -269,6 +270,8 @@ def build_app(bench: Workbench, *, diffusion: bool = False) -> Any:
                     label="preview", format="png", type="numpy", visible=image_base, elem_id="preview-image"
                 )
                 heatmap = gr.HTML(elem_id="heatmap")
+        if image_base:
+            fusion_section(gr, bench.preview_fn, lambda: bench.adapters)
         if diffusion:
             _diffusion_section(gr)
 

@@ -133,7 +133,8 @@ class PipelinePreview:
         self.steps, self.size, self.seed, self.prompt, self.threads = steps, size, seed, prompt, threads
         self._lock = threading.Lock()
         self._loaded: list[Adapter] = []  # the adapters of the live merge `mix`, in slider order
-        self._active: str | None = None  # the adapter in use: `mix`, `preview`, or None for the base
+        self._active: str | None = None  # the adapter in use: `mix`, `preview`, `fusion`, or None for the base
+        self._fusion: tuple | None = None  # (adapter ids, method) of a live `fusion`, re-weighted in place
 
     def check(self, adapter: Adapter) -> None:
         """Refuse an adapter the pipeline cannot hold, before it joins the workbench.
@@ -189,6 +190,32 @@ class PipelinePreview:
                 adaptermerge.load_merged_adapters(self.pipe, [merged], adapter_name="preview")
             return self._render()
 
+    def fuse(self, adapters: Sequence[Adapter], weights: Sequence[Any], method: str, **params: Any) -> np.ndarray:
+        """The image of `[subject, style]` fused by `method` (`linear` weights may be step schedules; `k_lora`
+        switches layers between steps), loaded as the adapter `fusion`.
+
+        A `linear` or `k_lora` fusion of the same pair is re-weighted in place; other methods (`np_lora`) are merged
+        again for each image.
+        """
+        import adaptermerge
+
+        from ..integrations._live import host_live
+
+        with self._lock:
+            self._activate("fusion")
+            key = (tuple(id(a) for a in adapters), method)
+            if method in ("linear", "k_lora") and self._fusion == key and not params:
+                adaptermerge.set_merge_weights(self.pipe, list(weights), adapter_name="fusion")
+            else:
+                adaptermerge.load_merged_adapters(
+                    self.pipe, list(adapters), list(weights), method, adapter_name="fusion", **params
+                )
+                self._fusion = key if method in ("linear", "k_lora") and not params else None
+            live = "fusion" in host_live(self.pipe)
+            return self._render(
+                adaptermerge.merge_schedule_callback(self.pipe, adapter_name="fusion") if live else None
+            )
+
     def _activate(self, name: str | None) -> None:
         """Make `name` the pipeline's only active adapter (None: LoRAs off), calling diffusers only on a change."""
         if name == self._active:
@@ -203,7 +230,7 @@ class PipelinePreview:
         self._active = name
 
     @torch.no_grad()
-    def _render(self) -> np.ndarray:
+    def _render(self, callback: Any = None) -> np.ndarray:
         size = {"height": self.size, "width": self.size} if self.size else {}
         with torch_threads(self.threads):
             image = self.pipe(
@@ -211,6 +238,7 @@ class PipelinePreview:
                 num_inference_steps=self.steps,
                 generator=torch.Generator().manual_seed(self.seed),
                 output_type="np",
+                callback_on_step_end=callback,
                 **size,
             ).images[0]
         return (np.clip(image, 0.0, 1.0) * 255).round().astype(np.uint8)
@@ -306,10 +334,12 @@ def tiny_sd_pipeline(*, seed: int = 0) -> Any:
 
 
 def random_pipeline_loras(pipe: Any, names: Sequence[str] = DIFFUSION_ADAPTERS, *, rank: int = 2) -> list[Adapter]:
-    """One seeded random LoRA per name on the UNet's attention projections (the `i`-th seeded with `i`)."""
+    """One seeded random LoRA per name on the denoiser's attention projections (the `i`-th seeded with `i`): the
+    UNet's, or a DiT pipeline's `transformer`."""
+    component = "unet" if getattr(pipe, "unet", None) is not None else "transformer"
     layers = {
-        f"unet.{name}": module.weight.shape
-        for name, module in pipe.unet.named_modules()
+        f"{component}.{name}": module.weight.shape
+        for name, module in getattr(pipe, component).named_modules()
         if isinstance(module, torch.nn.Linear) and name.endswith(_ATTENTION_TARGETS)
     }
     adapters = []
