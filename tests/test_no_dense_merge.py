@@ -27,8 +27,8 @@ from adaptermerge import Adapter, get_method, list_methods, load_merged_adapters
 from adaptermerge.cli import main
 from adaptermerge.methods import _registry
 from tests.factories import make_adapter
-from tests.tiny_models import save_random_llama_lora, tiny_llama
 from tests.test_methods_common import PAIRS_ONLY
+from tests.tiny_models import save_random_llama_lora, tiny_llama
 
 OUT, IN, RANK, T = 4096, 4096, 8, 3
 SLOW = {"lora_lego": "its k-means over 8192-wide units takes ~16 s at this width on 2 CPUs"}
