@@ -20,12 +20,14 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from tqdm.auto import tqdm
 
 from .errors import InvalidParameterError
-from .recipes import MergeJob
+
+if TYPE_CHECKING:
+    from .recipes import MergeJob
 
 __all__ = ["BACKENDS", "JobResult", "map_tasks", "run_job", "run_jobs"]
 
@@ -244,7 +246,7 @@ def run_jobs(
     todo = []
     for i, job in enumerate(jobs):
         if job.output.exists() and not force:
-            results[i] = JobResult(job.name, "skipped", str(job.output), message="output exists; --force redoes it")
+            results[i] = JobResult(job.name, "skipped", str(job.output), message="output exists")
         else:
             todo.append(i)
     finished = map_tasks(

@@ -34,7 +34,7 @@ MANIFEST_NAME = "rmm_bundle.json"
 TENSORS_NAME = "rmm_bundle.safetensors"
 FORMAT_TAG = "adaptermerge.rmm_bundle"
 FORMAT_VERSION = 2
-_TENSOR_FIELDS = ("basis", "coefficients", "residual")
+_TENSOR_FIELDS = ("basis", "coefficients")
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
 
 
@@ -45,12 +45,10 @@ class FactorBasis:
     Args:
         basis (`torch.Tensor` of shape `(P, r, k)`): per position, `k` basis vectors of length `r`.
         coefficients (`torch.Tensor` of shape `(P, k, T)` or `(1, k, T)`): per position, or shared by all.
-        residual (`torch.Tensor`, 0-d): the squared error of the recovered factor over its squared norm, all tasks.
     """
 
     basis: torch.Tensor
     coefficients: torch.Tensor
-    residual: torch.Tensor
 
     def vectors(self, task: int) -> torch.Tensor:
         """Task `task`'s `(P, r)` vectors, in float64."""
@@ -70,12 +68,14 @@ class BundleModule:
         B (`FactorBasis`): the rows of the tasks' `B`s (positions: `out`), zero-padded to the largest rank `r`.
         A (`FactorBasis`): the columns of the tasks' `A`s (positions: `in`).
         ranks (`tuple[int, ...]`): each task's input rank in this module, `0` where the task lacks the module.
+        residual (`torch.Tensor`, 0-d): `Σ_t ‖ΔW_t − ΔŴ_t‖² / Σ_t ‖ΔW_t‖²` over the tasks present, measured when built.
         kernel_size (`tuple[int, ...]`): the conv kernel size, `()` for linear layers.
     """
 
     B: FactorBasis
     A: FactorBasis
     ranks: tuple[int, ...]
+    residual: torch.Tensor
     kernel_size: tuple[int, ...] = ()
 
     def factors(self, task: int) -> LowRank:
@@ -101,8 +101,8 @@ class BundleModule:
 
     @property
     def relative_residual(self) -> float:
-        """The mean over `B` and `A` of the relative squared error of the recovered factor."""
-        return (float(self.B.residual) + float(self.A.residual)) / 2
+        """The relative squared error of the recovered updates, `Σ_t ‖ΔW_t − ΔŴ_t‖² / Σ_t ‖ΔW_t‖²`."""
+        return float(self.residual)
 
 
 @dataclass(frozen=True)
@@ -245,8 +245,9 @@ class ReversibleBundle:
         for name, m in self.modules.items():
             for side in ("B", "A"):
                 for field_name in _TENSOR_FIELDS:
-                    kept_dtype = COMPUTE_DTYPE if field_name == "residual" else dtype
+                    kept_dtype = dtype
                     tensors[f"{name}.{side}_{field_name}"] = getattr(getattr(m, side), field_name).to(kept_dtype)
+            tensors[f"{name}.residual"] = m.residual.to(COMPUTE_DTYPE)
             modules[name] = {"shape": list(m.shape), "kernel_size": list(m.kernel_size), "ranks": list(m.ranks)}
         manifest = {
             "format": FORMAT_TAG,
@@ -291,6 +292,7 @@ class ReversibleBundle:
                 name: BundleModule(
                     *(FactorBasis(*(tensors[f"{name}.{side}_{f}"] for f in _TENSOR_FIELDS)) for side in ("B", "A")),
                     ranks=tuple(entry["ranks"]),
+                    residual=tensors[f"{name}.residual"],
                     kernel_size=tuple(entry["kernel_size"]),
                 )
                 for name, entry in manifest["modules"].items()

@@ -40,7 +40,16 @@ class IncompatibleVersionsError(AdapterMergeError, ImportError):
 
 
 class OutputExistsError(AdapterMergeError, FileExistsError):
-    """The output path exists and ``overwrite`` was not set."""
+    """The output path exists and ``overwrite`` was not set.
+
+    Args:
+        message (`str`): the message, in the Python API's spelling (`overwrite=True`).
+        path (`str` or `Path`, *optional*): the output, so the command line can say it in its own spelling.
+    """
+
+    def __init__(self, message: str, path: object = None) -> None:
+        super().__init__(message)
+        self.path = path
 
 
 class OutputPathError(AdapterMergeError, ValueError):

@@ -293,7 +293,8 @@ def adapter_similarity(
     ranges = [tuple(range(lo, hi)) for lo, hi in zip(bounds, bounds[1:]) if hi > lo]
     tiles = [_Tile(tuple(paths), r, c, allow_pickle) for a, r in enumerate(ranges) for c in ranges[a:]]
     finished = map_tasks(_similarity_tile, tiles, backend=backend, workers=workers, ray_address=ray_address)
-    for k, result in tqdm(finished, total=len(tiles), desc="similarity", unit="tile", disable=not progressbar):
+    bar = tqdm(finished, total=len(tiles), desc="similarity", unit="tile", disable=not progressbar or n < 2)
+    for k, result in bar:
         if isinstance(result, BaseException):
             unreadable.append((f"tile {k} (adapters {tiles[k].rows[0]}..{tiles[k].cols[-1]})", str(result)))
             continue

@@ -250,12 +250,14 @@ def merge_adapters(
             ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool,
         ):
             results = pool.map(merge_module, modules)
-            bar = tqdm(results, total=len(modules), desc=f"merging ({method})", unit="module", disable=not progressbar)
-            for count, (module, result) in enumerate(zip(modules, bar), start=1):
-                if result is not None:
-                    merged[module] = result
-                if count % _TRIM_EVERY == 0:
-                    _release_freed_memory()
+            bar = tqdm(total=len(modules), desc=f"merging ({method})", unit="module", disable=not progressbar)
+            with bar:
+                for count, (module, result) in enumerate(zip(modules, results), start=1):
+                    bar.update()
+                    if result is not None:
+                        merged[module] = result
+                    if count % _TRIM_EVERY == 0:
+                        _release_freed_memory()
     finally:
         torch.set_num_threads(threads)
     return _merged_adapter(merged, loaded, resolvers, provenance, out_dtype, adapter_name)

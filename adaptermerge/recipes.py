@@ -31,8 +31,9 @@ never mistaken for one.
 
 from __future__ import annotations
 
+import difflib
 import glob as globlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -50,7 +51,7 @@ from pydantic import (
 
 from .errors import AdapterMergeError, InvalidParameterError, OutputPathError, UnknownMethodError
 from .io import HUB_PREFIX, check_not_input, is_hub_id
-from .methods import get_method
+from .methods import get_method, list_methods
 
 __all__ = ["MergeJob", "Recipe", "RecipeError", "load_recipe"]
 
@@ -184,6 +185,22 @@ def _where(loc: Sequence[int | str], merges: list[Any]) -> str:
     return text or "top level"
 
 
+def _message(error: Mapping[str, Any]) -> str:
+    """Pydantic's message, with the closest known field named for a misspelt one."""
+    if error["type"] != "extra_forbidden":
+        return error["msg"].removeprefix("Value error, ")
+    *parent, name = [part for part in error["loc"] if isinstance(part, str)]
+    model = {(): RecipeFile, ("defaults",): MergeOptions, ("merges",): MergeSpec}.get(tuple(parent), AdapterSpec)
+    known = list(model.model_fields)
+    method_params = {p for m in list_methods() for p in m.param_names} if "params" in known else set()
+    close = difflib.get_close_matches(str(name), [*known, *sorted(method_params - set(known))], n=1)
+    if close and close[0] in method_params and close[0] not in known:
+        hint = f"a method parameter goes under params, as params: {{{close[0]}: ...}}; "
+    else:
+        hint = f"did you mean {close[0]!r}? " if close else ""
+    return f"unknown field {name!r}; {hint}known fields: {', '.join(known)}"
+
+
 def _inside(path: Path, roots: Sequence[Path], where: str, recipe: Path) -> Path:
     resolved = path.resolve()
     if not any(resolved.is_relative_to(root) for root in roots):
@@ -279,9 +296,7 @@ def load_recipe(path: str | Path, *, allowed_roots: Sequence[str | Path] = ()) -
         recipe = RecipeFile.model_validate(raw)
     except ValidationError as err:
         merges = raw.get("merges") if isinstance(raw, dict) and isinstance(raw.get("merges"), list) else []
-        problems = "; ".join(
-            f"{_where(e['loc'], merges)}: {e['msg'].removeprefix('Value error, ')}" for e in err.errors()
-        )
+        problems = "; ".join(f"{_where(e['loc'], merges)}: {_message(e)}" for e in err.errors())
         raise RecipeError(f"{path}: {problems}") from None
     roots = (path.parent, *(Path(r).expanduser().resolve() for r in allowed_roots))
     jobs = []

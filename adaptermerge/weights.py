@@ -291,5 +291,8 @@ def check_weights(weights: Sequence[Weight] | None, n_adapters: int) -> list[Mod
         weights = [1.0] * n_adapters
     weights = list(weights)
     if len(weights) != n_adapters:
-        raise InvalidParameterError(f"got {len(weights)} weights for {n_adapters} adapters; give one per adapter")
+        got = f"{len(weights)} weight" + ("s" if len(weights) != 1 else "")
+        raise InvalidParameterError(
+            f"got {got} for {n_adapters} adapter{'s' if n_adapters != 1 else ''}; give one weight per adapter"
+        )
     return [_module_weights(weight, f"weight {i}") for i, weight in enumerate(weights)]

@@ -18,8 +18,8 @@ Both are given relative to the LoRA alone (1.0 = as much as the subject / style 
 model's). Modes: `linear` at several weights, `np_lora` at several `mu` (and its output-side and one-direction
 variants), `k_lora` (`s*`, `s`), step schedules (subject early / style late), and diffusers' `set_adapters` with both
 LoRAs loaded (the same sum as `linear` 1/1, run as two adapters). Time per image is the median of `--repeats` single
-image calls at one torch thread, including the callback of live modes. Writes an XY grid (style weight × `mu`) of
-the latents' first three channels as RGB to `--grid`.
+image calls at one torch thread, including the between-step rewrites of live modes (the denoiser hook). Writes an XY
+grid (style weight × `mu`) of the latents' first three channels as RGB to `--grid`.
 
     python benchmarks/bench_fusion.py                       # ~2 min on 2 shared cores
     python benchmarks/bench_fusion.py --train-steps 600 --images 16
@@ -39,7 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from adaptermerge import load_merged_adapters, merge_schedule_callback  # noqa: E402
+from adaptermerge import load_merged_adapters  # noqa: E402
 from adaptermerge.integrations._live import host_live  # noqa: E402
 from adaptermerge.ui.diffusion import tiny_sd_pipeline as tiny_sd_eps_pipeline  # noqa: E402
 from adaptermerge.ui.fusion import compose_grid  # noqa: E402
@@ -113,7 +113,7 @@ def train_lora(pipe, kind: str, steps: int, folder: Path, *, seed: int) -> Path:
 
 
 @torch.no_grad()
-def latents(pipe, images: int, steps: int, callback=None) -> torch.Tensor:
+def latents(pipe, images: int, steps: int) -> torch.Tensor:
     generators = [torch.Generator().manual_seed(1000 + i) for i in range(images)]
     return pipe(
         PROMPT,
@@ -124,7 +124,6 @@ def latents(pipe, images: int, steps: int, callback=None) -> torch.Tensor:
         num_images_per_prompt=images,
         generator=generators,
         output_type="latent",
-        callback_on_step_end=callback,
     ).images
 
 
@@ -164,11 +163,11 @@ def latent_rgb(z: torch.Tensor) -> np.ndarray:
     return ((z[:3].permute(1, 2, 0).clamp(-1.5, 1.5) + 1.5) / 3 * 255).round().byte().numpy()
 
 
-def seconds_per_image(pipe, steps: int, repeats: int, callback_factory) -> float:
+def seconds_per_image(pipe, steps: int, repeats: int) -> float:
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        latents(pipe, 1, steps, callback_factory())
+        latents(pipe, 1, steps)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -193,19 +192,17 @@ def main() -> None:
     print(f"trained both LoRAs in {time.perf_counter() - started:.0f} s ({args.train_steps} steps each)")
 
     raw = {"base": fidelity(latents(pipe, args.images, args.steps))}
-    timing = {"base": seconds_per_image(pipe, args.steps, args.repeats, lambda: None)}
+    timing = {"base": seconds_per_image(pipe, args.steps, args.repeats)}
     shares = {}  # k_lora: the fraction of (layer, step) pairs that use the subject
     for name, (adapters, weights, method, params) in modes(subject, style).items():
         load_merged_adapters(pipe, adapters, weights, method, **params)
-        live = "merged" in host_live(pipe)
-        factory = (lambda: merge_schedule_callback(pipe)) if live else (lambda: None)
-        raw[name] = fidelity(latents(pipe, args.images, args.steps, factory()))
+        raw[name] = fidelity(latents(pipe, args.images, args.steps))
         if method == "k_lora":
             live_merge = host_live(pipe)["merged"]
             shared = [m for m, sources in live_merge.sources.items() if len(sources) == 2]
             chosen = [live_merge.weights_at(i / args.steps)(0, m) != 0 for i in range(args.steps) for m in shared]
             shares[name] = sum(chosen) / len(chosen)
-        timing[name] = seconds_per_image(pipe, args.steps, args.repeats, factory)
+        timing[name] = seconds_per_image(pipe, args.steps, args.repeats)
 
     host = tiny_sd_pipeline(seed=0)
     host.set_progress_bar_config(disable=True)
@@ -213,7 +210,7 @@ def main() -> None:
     host.load_lora_weights(str(style), adapter_name="style")
     host.set_adapters(["subject", "style"], [1.0, 1.0])
     raw["set_adapters 1/1 (diffusers)"] = fidelity(latents(host, args.images, args.steps))
-    timing["set_adapters 1/1 (diffusers)"] = seconds_per_image(host, args.steps, args.repeats, lambda: None)
+    timing["set_adapters 1/1 (diffusers)"] = seconds_per_image(host, args.steps, args.repeats)
 
     (s0, c0), (s1, _), (_, c1) = raw["base"], raw["subject alone"], raw["style alone"]
     print(

@@ -72,7 +72,7 @@ def test_a_float16_overflow_is_refused_suggesting_float32_or_bfloat16(loras, tmp
     assert_one_line_exit_2(result, "not finite", "float16 cannot hold", "float32 or bfloat16")
     assert not (tmp_path / "out").exists()
     assert run("merge", *loras, "-w", "1e6,1", "--dtype", "bfloat16", "-o", tmp_path / "out").exit_code == 0
-    converted = run("convert", loras[0], "--to", "peft", "--dtype", "float16", "-o", tmp_path / "half")
+    converted = run("convert", loras[0], "--format", "peft", "--dtype", "float16", "-o", tmp_path / "half")
     assert converted.exit_code == 0  # the writers' own check leaves finite outputs alone
     big = make_adapter(LLM, rank=2).with_modules({m: lr.scale(1e6) for m, lr in make_adapter(LLM, rank=2).items()})
     with pytest.raises(InvalidTensorError, match="float32 or bfloat16"):
@@ -233,7 +233,7 @@ def test_overwriting_a_folder_with_a_file_output_is_exit_2(tmp_path):
     file = save_adapter(make_adapter(UNET, rank=2), tmp_path / "a.safetensors", format="diffusers")
     folder = tmp_path / "out.safetensors"
     (folder / "keep").mkdir(parents=True)
-    assert_one_line_exit_2(run("convert", file, "--to", "kohya", "-o", folder, "--overwrite"), "is a folder")
+    assert_one_line_exit_2(run("convert", file, "--format", "kohya", "-o", folder, "--overwrite"), "is a folder")
     assert (folder / "keep").is_dir()
 
 
@@ -282,7 +282,7 @@ def test_an_output_that_would_change_an_input_is_exit_2(loras, tmp_path, monkeyp
     monkeypatch.chdir(tmp_path)
     before = [digest(path) for path in loras]
     assert_one_line_exit_2(run("merge", "a/", "b", "-o", output, "--overwrite"), "choose an output path outside")
-    assert_one_line_exit_2(run("convert", "a", "--to", "peft", "-o", output, "--overwrite"), "the input")
+    assert_one_line_exit_2(run("convert", "a", "--format", "peft", "-o", output, "--overwrite"), "the input")
     assert [digest(path) for path in loras] == before and not (tmp_path / "a" / "sub").exists()
 
 
@@ -292,7 +292,7 @@ def test_a_recipe_whose_output_is_an_input_is_exit_2(loras, tmp_path):
     with pytest.raises(RecipeError, match=r"merges\[0\]\.output: the output .* is the input"):
         load_recipe(recipe)
     before = digest(loras[0])
-    assert_one_line_exit_2(run("run", recipe, "--force"), "is the input")
+    assert_one_line_exit_2(run("run", recipe, "--overwrite"), "is the input")
     assert digest(loras[0]) == before
 
 

@@ -65,7 +65,10 @@ def test_adapters_load_and_merge_by_hub_id(publish, tmp_path):
 
 
 def test_a_hub_id_missing_from_the_offline_cache_is_a_clear_error(publish):
-    with pytest.raises(AdapterFormatError, match="acme/not-there: not a local path, and the hub could not provide"):
+    with pytest.raises(
+        AdapterFormatError,
+        match="acme/not-there: no such file or folder, and no hub repository of that name could be reached",
+    ):
         load_adapter("acme/not-there")
     result = CliRunner().invoke(main, ["merge", "acme/not-there", "-o", "unused"])
     assert result.exit_code == 2 and "acme/not-there" in result.output
@@ -103,9 +106,7 @@ def test_a_recipe_hub_entry_never_reads_a_local_folder(publish, tmp_path, monkey
     )
     monkeypatch.chdir(tmp_path)  # where `repro/secret_outside` exists as a relative local path
     result = CliRunner().invoke(main, ["-q", "run", str(recipe), "--workers", "0"])
-    assert result.exit_code == 1 and "repro/secret_outside: not a local path, and the hub could not provide" in (
-        result.output
-    )
+    assert result.exit_code == 1 and "repro/secret_outside: the hub repository could not be reached" in result.output
     assert not (recipes / "o").exists()
 
     publish("repro/secret_outside", tmp_path / "repro" / "secret_outside")  # the same id, from the hub: read

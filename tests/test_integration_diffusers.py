@@ -6,6 +6,7 @@ import torch
 import adaptermerge
 from adaptermerge import Adapter, LowRank, load_merged_adapters, merge_adapters, save_adapter, set_merge_weights
 from adaptermerge.errors import IncompatibleAdaptersError, InvalidParameterError
+from adaptermerge.integrations.diffusers import find_pipeline_module
 
 from .tiny_models import save_random_pipeline_lora, tiny_sd_pipeline
 
@@ -246,3 +247,16 @@ def test_dora_loras_merge_with_the_pipelines_own_weights(tmp_path, inputs):
     got = outputs(pipe, inputs)
     assert_outputs_close(got, outputs(expected, inputs))
     assert (got[1] - base_outputs[1]).abs().max() > 1e-3  # the merge changed the UNet's output
+
+
+def test_adapters_with_side_car_tensors_are_refused_before_anything_is_loaded():
+    """A pipeline's LoRA loader holds factors only: the bias/norm deltas of a ComfyUI or Wan file would be lost."""
+    pipe = tiny_sd_pipeline()
+    module = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    layer = find_pipeline_module(pipe, module)
+    plain = _one_module_adapter(module, layer.out_features, layer.in_features)
+    with_bias = Adapter(dict(plain), name="wan_style", side_cars={f"{module}.diff_b": torch.ones(layer.out_features)})
+    for method in ("linear", "ties"):
+        with pytest.raises(IncompatibleAdaptersError, match=r"wan_style carries 1 side-car tensors .*diff_b"):
+            load_merged_adapters(pipe, [plain, with_bias], method=method)
+    assert not pipe.get_list_adapters()

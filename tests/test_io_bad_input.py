@@ -217,10 +217,10 @@ def test_cli_reports_bad_input_in_one_line_with_exit_code_2(tmp_path):
     )
     cases = [
         (("merge", a, b, "-o", tmp_path / "m.safetensors"), MODULE),
-        (("convert", empty, "--to", "kohya", "-o", tmp_path / "x.safetensors"), "empty"),
+        (("convert", empty, "--format", "kohya", "-o", tmp_path / "x.safetensors"), "empty"),
         (("merge", pickle, "-o", tmp_path / "p.safetensors"), "pickle"),
-        (("convert", llm, "--to", "kohya", "-o", tmp_path / "l.safetensors"), "--format peft"),
-        (("convert", a, "--to", "diffusers", "-o", b), "exists"),
+        (("convert", llm, "--format", "kohya", "-o", tmp_path / "l.safetensors"), "--format peft"),
+        (("convert", a, "--format", "diffusers", "-o", b), "exists"),
     ]
     for args, expected in cases:
         result = run_cli(*args)

@@ -17,7 +17,7 @@ from adaptermerge.ui.diffusion import random_pipeline_loras
 from tests.factories import random_lowrank
 from tests.test_no_dense_merge import LargestTensor
 
-from .tiny_models import tiny_flux_pipeline, tiny_llama, tiny_sd_pipeline
+from .tiny_models import flux_prompt_embeds, tiny_flux_pipeline, tiny_llama, tiny_sd_pipeline
 
 STEPS = 10
 
@@ -96,15 +96,25 @@ def test_the_codes_per_call_counter_only_switches_a_layer_one_step_earlier(pair)
     assert all(ours[s + 1, m] == per_call[s, m] for s, m in differ if s + 1 < STEPS)
 
 
-def test_image_equals_hand_reweighting_with_the_ports_choices(pair):
-    """End to end: the live mode's image equals one made by writing the port's per-module choices by hand with
-    `set_merge_weights` between steps."""
-    pipe = tiny_sd_pipeline()
+@pytest.mark.parametrize("make_pipe", [tiny_sd_pipeline, tiny_flux_pipeline], ids=["sd1", "flux"])
+def test_image_equals_hand_reweighting_with_the_ports_choices(make_pipe, pair):
+    """End to end, on a plain pipeline call: the live mode's image equals one made by writing the port's per-module
+    choices by hand with `set_merge_weights` between steps, and the one made with the explicit callback."""
+    pair = pair if make_pipe is tiny_sd_pipeline else random_pipeline_loras(make_pipe(), ["subject", "style"])
+    kwargs = {"num_inference_steps": STEPS, "output_type": "np"}
+    if make_pipe is tiny_sd_pipeline:
+        kwargs.update(prompt="the cat", height=32, width=32)
+    else:
+        kwargs.update(flux_prompt_embeds(), height=16, width=16)
+
+    def render(pipe, **extra):
+        with torch.no_grad():
+            return pipe(**kwargs, **extra, generator=torch.Generator().manual_seed(0)).images[0]
+
+    pipe = make_pipe()
     load_merged_adapters(pipe, pair, [0.9, 1.1], method="k_lora")
-    generator = {"generator": torch.Generator().manual_seed(0)}
-    kwargs = {"prompt": "the cat", "num_inference_steps": STEPS, "height": 32, "width": 32, "output_type": "np"}
-    with torch.no_grad():
-        image = pipe(**kwargs, **generator, callback_on_step_end=merge_schedule_callback(pipe)).images[0]
+    image = render(pipe)
+    np.testing.assert_array_equal(render(pipe, callback_on_step_end=merge_schedule_callback(pipe)), image)
 
     choices = dense_port(*pair, STEPS)
 
@@ -114,21 +124,18 @@ def test_image_equals_hand_reweighting_with_the_ports_choices(pair):
         style = {re.escape(m): 0.0 if m in chosen else 1.1 for m in pair[1]}
         return [subject, style]
 
-    hand = tiny_sd_pipeline()
+    assert any(weights(step) != weights(0) for step in range(STEPS))  # layers do switch during the run
+    hand = make_pipe()
     load_merged_adapters(hand, pair, weights(0))
 
     def callback(pipe, step, timestep, kwargs):
         set_merge_weights(pipe, weights((step + 1) % STEPS))
         return kwargs
 
-    with torch.no_grad():
-        expected = hand(**kwargs, generator=torch.Generator().manual_seed(0), callback_on_step_end=callback).images[0]
-    np.testing.assert_allclose(image, expected, atol=1e-6, rtol=0)
-    with torch.no_grad():
-        linear = tiny_sd_pipeline()
-        load_merged_adapters(linear, pair, [0.9, 1.1])
-        summed = linear(**kwargs, generator=torch.Generator().manual_seed(0)).images[0]
-    assert np.abs(image - summed).max() > 1e-3
+    np.testing.assert_allclose(image, render(hand, callback_on_step_end=callback), atol=1e-6, rtol=0)
+    linear = make_pipe()
+    load_merged_adapters(linear, pair, [0.9, 1.1])
+    assert np.abs(image - render(linear)).max() > 1e-3
 
 
 @settings(max_examples=30, deadline=None)

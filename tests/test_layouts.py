@@ -708,3 +708,12 @@ def test_comfyui_hunyuan_video_reads_like_diffusers_converter():
     written = hunyuan_video.COMFYUI.to_state_dict(ours)
     stems = {k.rsplit(".lora_", 1)[0] for k in built.state_dict}
     assert {k.rsplit(".lora_", 1)[0] for k in written if not k.endswith(".alpha")} == stems
+
+
+def test_the_clis_format_choices_are_the_readers_formats_and_layouts():
+    """`--format` lists them without importing the readers; this keeps the two in step."""
+    from adaptermerge.cli._options import FORMATS
+    from adaptermerge.io import FORMATS as READER_FORMATS
+    from adaptermerge.io import LAYOUTS
+
+    assert sorted(FORMATS) == sorted([*READER_FORMATS, *LAYOUTS])

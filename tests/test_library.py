@@ -85,7 +85,7 @@ def test_similarity_on_factors_matches_the_dense_cosine_over_shared_modules(libr
 
 
 def test_cli_similarity_writes_matrix_and_heatmap_and_lists_pairs(library, tmp_path):
-    out = tmp_path / "sim.csv"
+    out = tmp_path / "similarity"
     runner = CliRunner(env={"COLUMNS": "200"})
     result = runner.invoke(
         main, ["library", "similarity", str(library), "-o", str(out), "--workers", "0", "--top", "2"]
@@ -93,8 +93,8 @@ def test_cli_similarity_writes_matrix_and_heatmap_and_lists_pairs(library, tmp_p
     assert result.exit_code == 0, result.output
     assert "most similar pairs" in result.output and "most interfering pairs" in result.output
     assert "-1.0000" in result.output and "corrupt.safetensors" in result.output
-    rows = list(csv.reader(out.open()))
+    rows = list(csv.reader((out / "similarity.csv").open()))
     assert rows[0][0] == "adapter" and len(rows) == len(rows[0])
-    assert (tmp_path / "sim.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "similarity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     scan = runner.invoke(main, ["library", "scan", str(library), "-o", str(tmp_path / "index.json")])
     assert scan.exit_code == 0 and "2 unreadable" in scan.output

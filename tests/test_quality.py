@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -106,14 +107,24 @@ def test_bench_quality_cli_trains_the_suite_of_the_seed_it_is_given(small_suite,
     suite, _, _ = small_suite
     asked = []
 
-    def fake_load(config, *, cache_dir=None):
+    def fake_load(config, *, cache_dir=None, progressbar=False):
         asked.append(config)
         return suite
 
     monkeypatch.setattr(digits, "load_digits_suite", fake_load)
-    args = ["bench", "quality", "--seed", "3", "--methods", "linear", "--peft-types", "", "--out", str(tmp_path)]
+    args = ["bench", "quality", "--seed", "3", "--methods", "linear", "--peft-types", "", "-o", str(tmp_path)]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     assert [c.seed for c in asked] == [3]
     assert asked[0].key() != digits_config().key()  # another seed is another cached suite
     assert (tmp_path / "quality-digits.json").is_file()
+
+
+def test_quality_png_keeps_its_title_and_axis_labels_inside_the_picture(small_suite, tmp_path):
+    from PIL import Image
+
+    suite, _, _ = small_suite
+    results = run_quality_bench(suite, methods=["linear"], peft_types=[], grid=(0.5,))
+    pixels = np.asarray(Image.open(write_png(results, tmp_path / "q.png")).convert("L"))
+    ink = pixels < 250
+    assert not (ink[0].any() or ink[-1].any() or ink[:, 0].any() or ink[:, -1].any()), "something touches the edge"

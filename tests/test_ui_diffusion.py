@@ -190,6 +190,25 @@ def test_uploads_are_checked_against_the_pipeline_and_join_the_live_merge(client
     weights = [0.0, 0.0, 1.0] + [0.0] * (MAX_ADAPTERS - 3)
     _, image_path, _, _ = client.predict("linear", *weights, *NO_PARAMS, "", api_name="/preview")
     assert np.abs(np.asarray(Image.open(image_path).convert("RGB")).astype(int) - base).mean() > 2
+    # the page refreshes the fusion section's dropdowns after an upload (`/fusion_adapters`, chained after
+    # `/upload`); once they list it, the upload can be fused
+    subject, style = client.predict("smudge", "sparkle", api_name="/fusion_adapters")
+    assert (
+        [name for name, _ in subject["choices"]]
+        == ["smudge", "sparkle", "stripes"]
+        == [name for name, _ in style["choices"]]
+    )
+    assert (subject["value"], style["value"]) == ("smudge", "sparkle")
+    path, timing = client.predict("smudge", "stripes", "linear", 1.0, 1.0, 1.0, 0, 1, 0, 1, api_name="/fusion")
+    assert "linear" in timing and np.abs(np.asarray(Image.open(path).convert("RGB")).astype(int) - base).mean() > 2
+
+
+def test_pair_choices_keep_the_picks_that_exist():
+    from adaptermerge.ui.fusion import pair_choices
+
+    assert pair_choices(["a", "b", "c"], "b", "a") == ("b", "a")
+    assert pair_choices(["a", "b", "c"], None, "gone") == ("a", "c")
+    assert pair_choices([], "a", None) == (None, None)
 
 
 def test_dora_adapters_preview_and_export_their_exact_merge(folders, tmp_path):

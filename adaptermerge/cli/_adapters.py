@@ -2,25 +2,18 @@
 
 from __future__ import annotations
 
-import json
+import dataclasses
+import textwrap
 import time
 from pathlib import Path
 from typing import Any
 
 import click
-from rich.console import Console
-from rich.table import Table
 
-from ..bundle import is_bundle
-from ..io import check_not_input, load_adapter, model_family, save_adapter
-from ..lowrank import norm
-from ..merge import load_adapters, merge_adapters
-from ..methods import list_methods
-from ..methods.advice import TRY_FIRST
-from ..training.orthogonal import check_disjoint
+from ._catalog import TRY_FIRST, load_catalog
+from ._console import console, is_quiet, print_json, shared_prefix, spinner, table
 from ._options import (
-    DTYPES,
-    FORMAT_NAMES,
+    FORMATS,
     allow_pickle_option,
     dtype_option,
     format_option,
@@ -28,13 +21,10 @@ from ._options import (
     overwrite_option,
     parse_weights,
     pop_method_params,
+    renamed_option,
     skip_unknown_option,
+    torch_dtype,
 )
-from ._rmm import show_bundle
-
-
-def _quiet(ctx: click.Context) -> bool:
-    return bool(ctx.find_root().obj and ctx.find_root().obj.get("quiet"))
 
 
 @click.command()
@@ -72,11 +62,20 @@ def merge(ctx: click.Context, adapters: tuple[str, ...], output: Path, method: s
 
     \b
     Examples:
-      adaptermerge merge a/ b/ -o ab/                              exact sum, rank = sum of ranks
-      adaptermerge merge a/ b/ -w 0.7,0.3 --rank 16 -o ab/         weighted, truncated to rank 16
-      adaptermerge merge a.safetensors b.safetensors -m ties --density 0.3 -o ab.safetensors
+      adaptermerge merge a/ b/ -o ab/                   exact sum, rank = Σ ranks
+      adaptermerge merge a/ b/ -w 0.7,0.3 -r 16 -o ab/  weighted, rank 16
+      adaptermerge merge a.safetensors b.safetensors -m ties -o ab.safetensors
     """
+    from ..io import check_not_input, save_adapter
+    from ..io._write import check_writable
+    from ..merge import load_adapters, merge_adapters
+    from ..methods import get_method
+    from ..training.orthogonal import check_disjoint
+
     params = pop_method_params(kwargs)
+    chosen, rank = get_method(method), kwargs["rank"]
+    chosen.make_params({**params, "rank": rank} if rank is not None and "rank" in chosen.param_names else params)
+    check_writable(output, kwargs["overwrite"], directory=True)  # exists? before any work (the writer checks the rest)
     start = time.perf_counter()
     loaded = load_adapters(list(adapters), allow_pickle=kwargs["allow_pickle"], skip_unknown=kwargs["skip_unknown"])
     sources = [a.metadata.source for a in loaded if a.metadata.source]
@@ -87,32 +86,38 @@ def merge(ctx: click.Context, adapters: tuple[str, ...], output: Path, method: s
         parse_weights(weights),
         method,
         rank=kwargs["rank"],
-        dtype=DTYPES[kwargs["dtype"]] if kwargs["dtype"] else None,
+        dtype=torch_dtype(kwargs["dtype"]),
         allow_pickle=kwargs["allow_pickle"],
         base=kwargs["base"],
-        progressbar=not _quiet(ctx),
+        progressbar=not is_quiet(ctx),
         **params,
     )
-    if hasattr(merged, "save"):  # a method that returns something other than an adapter (rmm's bundle) saves itself
-        return click.echo(f"Wrote {merged!r} to {merged.save(output, overwrite=kwargs['overwrite'])}")
-    path = save_adapter(merged, output, format=kwargs["output_format"], overwrite=kwargs["overwrite"])
-    if not _quiet(ctx):
+    with spinner(f"writing {output}"):
+        if hasattr(merged, "save"):  # a method whose result is not an adapter (rmm's bundle) saves itself
+            path = merged.save(output, overwrite=kwargs["overwrite"])
+        else:
+            path = save_adapter(merged, output, format=kwargs["output_format"], overwrite=kwargs["overwrite"])
+    seconds = f"{time.perf_counter() - start:.2f} s"
+    unused = {a.name: a.metadata.extra.get("unused_keys", []) for a in loaded}
+    if hasattr(merged, "save"):
+        summary = f"{merged!r}, {seconds}"
+    else:
         ranks = sorted({lr.rank for lr in merged.values()})
-        unused = {a.name: a.metadata.extra.get("unused_keys", []) for a in loaded}
-        click.echo(
-            f"Merged {len(adapters)} adapters with {method!r} into {path} "
-            f"({len(merged)} modules, rank {ranks[0] if len(ranks) == 1 else f'{ranks[0]}-{ranks[-1]}'}, "
-            f"{len(merged.side_cars)} side-car tensors, {sum(map(len, unused.values()))} unused keys, "
-            f"{time.perf_counter() - start:.2f} s)"
-        )
-        if ctx.find_root().obj.get("verbose"):
-            for name, keys in unused.items():
-                for key in keys:
-                    click.echo(f"  unused key of {name}: {key}")
+        rank = ranks[0] if len(ranks) == 1 else f"{ranks[0]}-{ranks[-1]}"
+        cars = f"{len(merged.side_cars)} side-car tensors, " if merged.side_cars else ""
+        summary = f"{len(merged)} modules, rank {rank}, {cars}{sum(map(len, unused.values()))} unused keys, {seconds}"
+    console(ctx).print(f"Merged {len(adapters)} adapters with {method!r} into {path} ({summary})", highlight=False)
+    if ctx.find_root().obj.get("verbose"):
+        for name, keys in unused.items():
+            for key in keys:
+                click.echo(f"  unused key of {name}: {key}")
 
 
 def describe(path: str, *, allow_pickle: bool = False, skip_unknown: bool = False) -> dict[str, Any]:
     """What `inspect` reports about one adapter, as plain data."""
+    from ..io import load_adapter, model_family
+    from ..lowrank import norm
+
     adapter = load_adapter(path, allow_pickle=allow_pickle, skip_unknown=skip_unknown)
     modules = []
     for name, lowrank in adapter.items():
@@ -156,68 +161,104 @@ def inspect(path: str, as_json: bool, allow_pickle: bool, skip_unknown: bool) ->
 
     Norms are computed on the factors (Frobenius norm of scale·B·A), so this is fast even for large adapters.
     """
+    from ..bundle import is_bundle
+
     if is_bundle(path):
+        from ._rmm import show_bundle
+
         return show_bundle(path, as_json=as_json)
     info = describe(path, allow_pickle=allow_pickle, skip_unknown=skip_unknown)
     if as_json:
-        click.echo(json.dumps(info, indent=2))
-        return
-    console = Console()
-    console.print(
+        return print_json(info)
+    out = console(report=True)
+    out.print(
         f"[bold]{info['path']}[/bold]  format={info['format']}  family={info['family'] or '?'}  "
         f"base_model={info['base_model'] or '?'}  "
-        f"dtype={info['dtype']}  modules={info['modules']}  parameters={info['parameters']:,}  ranks={info['ranks']}"
+        f"dtype={info['dtype']}  modules={info['modules']}  parameters={info['parameters']:,}  ranks={info['ranks']}",
+        highlight=False,
     )
-    table = Table("module", "shape", "rank", "scale", "alpha≡scale·r", "‖ΔW‖", "DoRA")
-    table.columns[0].no_wrap = True
+    modules = [m["module"] for m in info["per_module"]]
+    prefix = shared_prefix(modules)
+    if prefix:
+        out.print(f"Every module name starts with [bold]{prefix}[/bold], left out below.", highlight=False)
+    dora = any(m["dora"] for m in info["per_module"])
+    columns = ["module", "shape", "rank", "scale", "alpha", "‖ΔW‖"] + (["DoRA"] if dora else [])
+    rows = table(*columns, fold=["module"], right=["rank", "scale", "alpha", "‖ΔW‖"])
     for m in info["per_module"]:
-        table.add_row(
-            m["module"],
+        rows.add_row(
+            m["module"].removeprefix(prefix),
             "×".join(map(str, m["shape"])),
             str(m["rank"]),
             f"{m['scale']:.4g}",
             f"{m['scale'] * m['rank']:.4g}",
             f"{m['norm']:.4g}",
-            "yes" if m["dora"] else "",
+            *(["yes" if m["dora"] else ""] if dora else []),
         )
-    console.print(table)
+    out.print(rows)
+    out.print("alpha = scale × rank; ‖ΔW‖ = Frobenius norm of the update scale·B·A.", style="dim")
     if info["side_cars"]:
-        side_cars = Table("side-car tensor (dense, summed by every method)", "shape", "‖·‖")
+        heading = "side-car tensor (dense, summed by every method)"
+        cars = table(heading, "shape", "‖·‖", fold=[heading], right=["‖·‖"])
         for car in info["side_cars"]:
-            side_cars.add_row(car["name"], "×".join(map(str, car["shape"])), f"{car['norm']:.4g}")
-        console.print(side_cars)
+            cars.add_row(car["name"], "×".join(map(str, car["shape"])), f"{car['norm']:.4g}")
+        out.print(cars)
     if info["unused_keys"]:
-        console.print(f"{len(info['unused_keys'])} unused keys: {', '.join(info['unused_keys'])}")
+        out.print(f"{len(info['unused_keys'])} unused keys: {', '.join(info['unused_keys'])}", highlight=False)
 
 
 @click.command()
 @click.argument("path")
 @click.option(
-    "--to", "to_format", type=click.Choice(FORMAT_NAMES), required=True, help="Target format or trainer layout."
+    "--format",
+    "output_format",
+    type=click.Choice(FORMATS),
+    default=None,
+    metavar="FORMAT",
+    help=f"Target format or trainer layout (required): {', '.join(FORMATS)}.",
 )
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Where to write the result.")
 @dtype_option
 @overwrite_option
 @allow_pickle_option
-def convert(path: str, to_format: str, output: Path, dtype: str | None, overwrite: bool, allow_pickle: bool) -> None:
-    """Convert the adapter at PATH to another format; every module's update is kept exactly."""
+@renamed_option("--to", "--format", "output_format", type=click.Choice(FORMATS))
+def convert(
+    path: str, output_format: str | None, output: Path, dtype: str | None, overwrite: bool, allow_pickle: bool
+) -> None:
+    """Convert the adapter at PATH to another format; every module's update is kept exactly.
+
+    \b
+    Example:
+      adaptermerge convert style.safetensors --format peft -o style_peft/
+    """
+    from ..io import check_not_input, load_adapter, save_adapter
+
+    if output_format is None:
+        raise click.UsageError(f"Missing option '--format' (one of: {', '.join(FORMATS)}).")
     adapter = load_adapter(path, allow_pickle=allow_pickle)
     check_not_input(output, [path, *([adapter.metadata.source] if adapter.metadata.source else [])])
-    written = save_adapter(
-        adapter, output, format=to_format, overwrite=overwrite, dtype=DTYPES[dtype] if dtype else None
-    )
-    click.echo(f"Wrote {written} ({to_format}, {len(adapter)} modules)")
+    with spinner(f"writing {output}"):
+        written = save_adapter(adapter, output, format=output_format, overwrite=overwrite, dtype=torch_dtype(dtype))
+    click.echo(f"Wrote {written} ({output_format}, {len(adapter)} modules)")
 
 
 @click.command()
-def methods() -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for machines instead of a table.")
+def methods(as_json: bool) -> None:
     """List the merge methods with their parameters and papers."""
-    table = Table("method", "what it does", "parameters", "paper")
-    for method in list_methods():
-        table.add_row(method.name, method.summary, ", ".join(method.param_names) or "-", method.reference_url)
-    console = Console()
-    console.print(table)
-    console.print(TRY_FIRST)
+    catalog = load_catalog()
+    if as_json:
+        return print_json([dataclasses.asdict(m) for m in catalog])
+    out = console(report=True)
+    for method in catalog:  # one block per method, so the paper's link is never cut, however narrow the terminal
+        params = ", ".join(p.name for p in method.params) or "-"
+        paper = f"  paper: {method.reference_url}"
+        if len(paper) > out.width:
+            paper = f"  paper:\n{method.reference_url}"
+        out.print(f"[bold]{method.name}[/bold] · {method.pretty_name}", highlight=False)
+        for text in (method.summary, f"parameters: {params}"):
+            out.print(textwrap.fill(text, out.width, initial_indent="  ", subsequent_indent="  "), highlight=False)
+        out.print(paper, highlight=False, overflow="ignore", crop=False)
+    out.print(textwrap.fill(TRY_FIRST, out.width), highlight=False)
 
 
 COMMANDS = [merge, inspect, convert, methods]

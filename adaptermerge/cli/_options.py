@@ -2,52 +2,64 @@
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import json
-import types
-import typing
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
-import torch
 
 from ..errors import InvalidParameterError
-from ..io import FORMATS, LAYOUTS
-from ..methods import list_methods
+from ._catalog import load_catalog
 
-FORMAT_NAMES = [*FORMATS, *LAYOUTS]
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+DTYPES = ("float32", "float16", "bfloat16", "float64")
+# What --format accepts: io's formats and trainer layouts, written out so that --help starts without importing the
+# readers (hence torch); tests/test_layouts.py checks it against io.FORMATS and io.LAYOUTS.
+FORMATS = (
+    "peft",
+    "diffusers",
+    "kohya",
+    "kohya-flux",
+    "comfyui-flux",
+    "fal-flux",
+    "xlabs-flux",
+    "kohya-sd3",
+    "comfyui-hunyuan-video",
+    "comfyui-wan",
+    "musubi-wan",
+    "comfyui-qwen-image",
+    "peft-transformer",
+)
 
 
-def _click_type(annotation: Any) -> tuple[Any, bool]:
-    """The click type of a dataclass field, and whether it is a flag."""
-    if typing.get_origin(annotation) is typing.Literal:
-        return click.Choice([str(a) for a in typing.get_args(annotation)]), False
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
-    if annotation is bool:
-        return bool, True
-    return {int: int, float: float}.get(annotation, str), False
+def torch_dtype(name: str | None) -> Any:
+    """The torch dtype named by `--dtype`, or None (torch is imported only when a dtype is asked for)."""
+    if name is None:
+        return None
+    import torch
+
+    return getattr(torch, name)
+
+
+def _click_type(type_name: str, choices: tuple[str, ...] | None) -> Any:
+    return click.Choice(choices) if choices else {"int": int, "float": float, "bool": bool}.get(type_name, str)
 
 
 def method_option_specs() -> dict[str, tuple[Any, bool, str, list[str]]]:
     """Parameter name → (click type, is_flag, help, methods that take it), over every registered method."""
     specs: dict[str, tuple[Any, bool, str, list[str]]] = {}
     helps: dict[str, Counter[str]] = {}
-    for method in list_methods():
-        hints = typing.get_type_hints(method.params_cls)
-        for field in dataclasses.fields(method.params_cls):
-            if field.name == "rank":
+    for method in load_catalog():
+        for param in method.params:
+            if param.name == "rank":
                 continue
-            helps.setdefault(field.name, Counter())[field.metadata.get("help", "")] += 1
-            if field.name in specs:
-                specs[field.name][3].append(method.name)
+            helps.setdefault(param.name, Counter())[param.help] += 1
+            if param.name in specs:
+                specs[param.name][3].append(method.name)
                 continue
-            click_type, is_flag = _click_type(hints[field.name])
-            specs[field.name] = (click_type, is_flag, "", [method.name])
+            specs[param.name] = (_click_type(param.type, param.choices), param.type == "bool", "", [method.name])
     # A parameter shared by several methods (density) gets the help text most of them give.
     return {name: (t, flag, helps[name].most_common(1)[0][0], used) for name, (t, flag, _, used) in specs.items()}
 
@@ -63,6 +75,29 @@ def method_options(command: Callable) -> Callable:
             option = click.option(flag, name, type=click_type, default=None, help=help_text + used_by)
         command = option(command)
     return command
+
+
+def renamed_option(old: str, new: str, name: str, **option_kwargs: Any) -> Callable[[Callable], Callable]:
+    """Keep the old spelling `old` of option `new` (parameter `name`) working for one release, with a note.
+
+    The old option is hidden from `--help`; when given, its value is used unless `new` was given too.
+    """
+    hidden_name = f"{name}_before_rename"
+
+    def decorate(command: Callable) -> Callable:
+        @functools.wraps(command)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            old_value = kwargs.pop(hidden_name)
+            if old_value is not None and old_value is not False:
+                click.echo(f"Note: {old} is deprecated and will be removed in the next release; use {new}.", err=True)
+                ctx = click.get_current_context()
+                if ctx.get_parameter_source(name) is not click.core.ParameterSource.COMMANDLINE:
+                    kwargs[name] = old_value
+            return command(*args, **kwargs)
+
+        return click.option(old, hidden_name, hidden=True, default=None, **option_kwargs)(wrapper)
+
+    return decorate
 
 
 def pop_method_params(kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -96,13 +131,14 @@ def parse_weights(text: str | None) -> list[Any] | None:
 format_option = click.option(
     "--format",
     "output_format",
-    type=click.Choice(FORMAT_NAMES),
+    type=click.Choice(FORMATS),
     default=None,
-    help="Output format or trainer layout (kohya-flux, comfyui-wan, ...); the first input's format by default.",
+    metavar="FORMAT",
+    help=f"Output format or trainer layout ({', '.join(FORMATS)}); the first input's format by default.",
 )
 dtype_option = click.option(
     "--dtype",
-    type=click.Choice(list(DTYPES)),
+    type=click.Choice(DTYPES),
     default=None,
     help="Output dtype; the first input's dtype by default (math runs in float32 or better).",
 )
@@ -115,3 +151,4 @@ skip_unknown_option = click.option(
 allow_pickle_option = click.option(
     "--allow-pickle", is_flag=True, help="Read .bin/.pt/.ckpt pickle checkpoints (only for files you trust)."
 )
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for machines instead of tables.")

@@ -67,10 +67,10 @@ def load_merged_adapters(
         weights (`list`, *optional*): one weight per adapter (a number or per-module weights, see
             `adaptermerge.weights`); 1.0 each by default. In a diffusers pipeline, with `method="linear"`, any number
             may be a step schedule (keyframes `[[0.0, 1.0], [0.6, 0.2]]` or a callable of the denoising progress,
-            see `adaptermerge.integrations.schedule`), applied by `merge_schedule_callback`.
+            see `adaptermerge.integrations.schedule`), applied during denoising by a hook on the pipeline's denoiser.
         method (`str`, defaults to `"linear"`): a registered merge method (see `adaptermerge.list_methods()`), or,
             in a diffusers pipeline, the live mode `"k_lora"` for `[subject, style]` (parameters `pattern`, `alpha`,
-            `beta`; see `adaptermerge.integrations.k_lora`), applied by `merge_schedule_callback`.
+            `beta`; see `adaptermerge.integrations.k_lora`), applied the same way.
         adapter_name (`str`, defaults to `"merged"`): the name of the merged adapter in the host.
         dtype (`torch.dtype`, *optional*): the merged adapter's dtype; the host's by default.
         **params: the method's parameters (`density=0.5`, `rank=16`, `seed=0`, ...).
@@ -100,7 +100,7 @@ def load_merged_adapters(
 
 
 def merge_schedule_callback(pipe: Any, callback: Any = None, *, adapter_name: str = "merged") -> Any:
-    """The `callback_on_step_end` that applies a live merge's step schedule; see
+    """A `callback_on_step_end` that chains yours, for code written before schedules applied themselves; see
     :func:`adaptermerge.integrations.diffusers.merge_schedule_callback`."""
     from .diffusers import merge_schedule_callback as callback_for
 

@@ -40,10 +40,13 @@ LIVE_MODES = {"k_lora": klora_weights}
 
 # The weights of a live merge at a denoising progress in [0, 1): `at(progress)(adapter index, module) -> weight`.
 ProgressWeights = Callable[[float], Callable[[int, str], float]]
+# What a live merge's `weigh` returns: the weights at each progress, and whether they change with the progress.
+Weighing = tuple[ProgressWeights, bool]
 
 
-def scheduled_weights(weights: Sequence[Weight] | None, *, n_adapters: int, allow_schedules: bool) -> ProgressWeights:
-    """The per-module weights of `weights` (schedules allowed when `allow_schedules`) at each progress.
+def scheduled_weights(weights: Sequence[Weight] | None, *, n_adapters: int, allow_schedules: bool) -> Weighing:
+    """The per-module weights of `weights` (schedules allowed when `allow_schedules`) at each progress, and whether
+    any is a schedule.
 
     Raises:
         InvalidParameterError: for bad weights, or for a schedule where `allow_schedules` is false.
@@ -60,7 +63,7 @@ def scheduled_weights(weights: Sequence[Weight] | None, *, n_adapters: int, allo
         resolvers = check_weights(schedule.at(progress), n_adapters)
         return lambda index, module: resolvers[index](module)
 
-    return at
+    return at, schedule.dynamic
 
 
 @dataclass
@@ -75,16 +78,23 @@ class LiveMerge:
         sources (`dict[str, list[tuple[int, torch.Tensor]]]`): per module, `(adapter index, B of shape (out, r))`
             in the column order of the merged `lora_B`.
         weigh (`Callable`): maps the adapters' weights (as `set_weights` takes them) to the weights at each
-            denoising progress: plain numbers and schedules for `linear`, the switches of a live mode such as `k_lora`.
+            denoising progress and whether they change with it: plain numbers and schedules for `linear`, the
+            switches of a live mode such as `k_lora`.
         weights_at (`ProgressWeights`): the weights in use, at each progress.
+        dynamic (`bool`): whether `weights_at` changes with the progress (a schedule, `k_lora`).
+        on_set_weights (`Callable`, *optional*): called with the live merge after `set_weights`, for the host to
+            start or stop applying the progress (the diffusers denoiser hook).
     """
 
     adapter_name: str
     sources: dict[str, list[tuple[int, torch.Tensor]]]
-    weigh: Callable[[Sequence[Weight] | None], ProgressWeights]
+    weigh: Callable[[Sequence[Weight] | None], Weighing]
     weights_at: ProgressWeights
+    dynamic: bool = False
+    on_set_weights: Callable[[LiveMerge], None] | None = None
     layers: dict[str, torch.nn.Module] = field(default_factory=dict)
     _written: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    _progress: dict[str | None, float] = field(default_factory=dict)
 
     def attach(self, find: Callable[[str], torch.nn.Module]) -> None:
         """Record the host's LoRA layer of every module (`find(module)`) and move the sources to its device."""
@@ -102,20 +112,33 @@ class LiveMerge:
                 schedule in a host without denoising steps.
             IncompatibleAdaptersError: when the merged adapter was fused, deleted or replaced in the host.
         """
-        self.weights_at = self.weigh(weights)
+        self.weights_at, self.dynamic = self.weigh(weights)
         self._written.clear()
+        self._progress.clear()
         self.apply(0.0)
+        if self.on_set_weights is not None:
+            self.on_set_weights(self)
 
-    def apply(self, progress: float) -> int:
+    def apply(self, progress: float, *, component: str | None = None) -> int:
         """Write the weights at `progress` into the modules whose weights changed since the last write.
+
+        Args:
+            progress (`float`): the denoising progress in `[0, 1)`.
+            component (`str`, *optional*): only the modules of this host component (`"unet"`: `unet.…`); all by
+                default. Nothing is computed when the component is already at `progress`.
 
         Returns:
             `int`: how many modules were rewritten.
         """
+        if self._progress.get(component) == progress:
+            return 0
         weight = self.weights_at(progress)
+        prefix = "" if component is None else f"{component}."
         changed = 0
         with torch.no_grad():
             for module, sources in self.sources.items():
+                if not module.startswith(prefix):
+                    continue
                 values = tuple(weight(index, module) for index, _ in sources)
                 if self._written.get(module) == values:
                     continue
@@ -126,6 +149,11 @@ class LiveMerge:
                     offset += up.shape[1]
                 self._written[module] = values
                 changed += 1
+        if component is None:
+            self._progress.clear()
+        else:
+            self._progress.pop(None, None)
+        self._progress[component] = progress
         return changed
 
     def _lora_B(self, module: str) -> torch.Tensor:
@@ -182,6 +210,19 @@ class HostWeights(Mapping[str, torch.Tensor]):
         return len(self._modules)
 
 
+def _refuse_side_cars(adapters: Sequence[Adapter]) -> None:
+    """A host's LoRA loader holds LoRA factors only: full-rank side-cars (bias, norm deltas) would be lost."""
+    for adapter in adapters:
+        if adapter.side_cars:
+            names = sorted(adapter.side_cars)
+            raise IncompatibleAdaptersError(
+                f"{adapter.name} carries {len(names)} side-car tensors ({names[0]}, ...: dense bias or norm deltas) "
+                "that the host's LoRA loader cannot hold, so a live merge would drop them; merge to a file in the "
+                f"inputs' layout (adaptermerge merge ... --format {adapter.metadata.format}) and load that with the "
+                "trainer's or ComfyUI's loader"
+            )
+
+
 def build_merge(
     adapters: Sequence[AdapterLike],
     weights: Sequence[Weight] | None,
@@ -203,6 +244,7 @@ def build_merge(
     module name) supplies from the host itself.
     """
     loaded = load_adapters(adapters)
+    _refuse_side_cars(loaded)
     modules = module_union(loaded)
     base = None if find is None else HostWeights(find, modules)
     mode = LIVE_MODES.get(method)
@@ -219,7 +261,7 @@ def build_merge(
         merged = merge_adapters(loaded, weights, method, dtype=dtype, adapter_name=adapter_name, base=base, **params)
         return merged, None
     check_compatible(loaded, modules)
-    weights_at = weigh(weights)
+    weights_at, dynamic = weigh(weights)
     weight = weights_at(0.0)
     out_dtype = dtype or loaded[0].metadata.dtype
     sources: dict[str, list[tuple[int, torch.Tensor]]] = {}
@@ -237,7 +279,7 @@ def build_merge(
         dtype=out_dtype,
         extra={**first.extra, "provenance": provenance},
     )
-    state = LiveMerge(adapter_name, sources, weigh, weights_at)
+    state = LiveMerge(adapter_name, sources, weigh, weights_at, dynamic)
     return Adapter(merged, metadata, adapter_name), state
 
 
@@ -278,7 +320,7 @@ def set_merge_weights(host: Any, weights: Sequence[Weight], *, adapter_name: str
     """Change the weights of a `linear` merge loaded by `load_merged_adapters`, in place (see module docstring).
 
     In a diffusers pipeline the weights may be step schedules (see :mod:`.schedule`); those of progress 0 are
-    written now, the others by `merge_schedule_callback` during denoising.
+    written now, the others by the pipeline's denoiser hook during denoising.
 
     Raises:
         InvalidParameterError: when no live `linear` merge of that name is loaded in `host`, or for bad weights.

@@ -157,9 +157,10 @@ def klora_rule(subject: Adapter, style: Adapter, params: KLoraParams) -> KLoraRu
 
 def klora_weights(
     adapters: Sequence[Adapter], params: dict[str, Any]
-) -> Callable[[Sequence[Weight] | None], Callable[[float], Callable[[int, str], float]]]:
+) -> Callable[[Sequence[Weight] | None], tuple[Callable[[float], Callable[[int, str], float]], bool]]:
     """The `k_lora` live mode for `[subject, style]`: the rule is scored once, here; the result maps the adapters'
-    weights to the per-progress weights of the live merge (see the module docstring).
+    weights to the per-progress weights of the live merge (see the module docstring), which always change with
+    the progress.
 
     Raises:
         IncompatibleAdaptersError: unless there are exactly two plain (not DoRA) adapters.
@@ -175,4 +176,4 @@ def klora_weights(
     except (TypeError, ValueError) as err:
         raise InvalidParameterError(f"k_lora: {err}") from None
     rule = klora_rule(adapters[0], adapters[1], rule_params)
-    return lambda weights: rule.weights_at(check_weights(weights, 2))
+    return lambda weights: (rule.weights_at(check_weights(weights, 2)), True)

@@ -9,11 +9,11 @@ a schedule over the progress `p ∈ [0, 1)` of the denoising loop (step `i` of `
   at 30% of the steps; `[[0.0, 1.0], [0.5, 0.0]]` stops one half-way. Give more keyframes (or a callable) for a ramp;
 - a callable `f(p) -> float`.
 
-The pipeline applies a schedule through its `callback_on_step_end`: :func:`merge_schedule_callback` returns a
-callback that, at the end of step `i`, writes the weights of progress `(i + 1) / N` into the live merge in place
-(only the modules whose weights changed), and after the last step writes those of progress 0 again, ready for the
-next image (load and `set_merge_weights` write progress 0 too). Text encoders run once, before the first step, so
-their modules see the weights at progress 0.
+A pipeline applies a schedule by itself, on a plain `pipe(prompt)` call: a hook on its denoiser writes the weights of
+the step being denoised into the live merge in place, only the modules whose weights changed, and those of progress 0
+after the last step, ready for the next image (load and `set_merge_weights` write progress 0 too); see
+:mod:`adaptermerge.integrations.diffusers` for how the step is read from the scheduler. Text encoders run once,
+before the first step, and keep the weights at progress 0.
 """
 
 from __future__ import annotations

@@ -52,14 +52,16 @@ def resolve_path(path_or_id: str | Path, *, allow_pickle: bool = False) -> Path:
         repo_id = text.removeprefix(HUB_PREFIX)
         if not is_hub_id(repo_id):
             raise AdapterFormatError(f"{text}: not a hub repository id (owner/name)")
-        return _snapshot(repo_id, allow_pickle)
+        return _snapshot(repo_id, allow_pickle, f"{text}: the hub repository could not be reached")
     path = Path(path_or_id)
     if path.exists() or not is_hub_id(text):
         return path
-    return _snapshot(text, allow_pickle)
+    # a mistyped local path looks like a hub id: say first that the path does not exist
+    failure = f"{text}: no such file or folder, and no hub repository of that name could be reached"
+    return _snapshot(text, allow_pickle, failure)
 
 
-def _snapshot(repo_id: str, allow_pickle: bool) -> Path:
+def _snapshot(repo_id: str, allow_pickle: bool, failure: str) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
@@ -67,7 +69,8 @@ def _snapshot(repo_id: str, allow_pickle: bool) -> Path:
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as err:  # ValueError: an invalid id
-        raise AdapterFormatError(f"{repo_id}: not a local path, and the hub could not provide it ({err})") from None
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise AdapterFormatError(f"{failure} ({reason})") from None
 
 
 def load_adapter(

@@ -29,7 +29,7 @@ def check_writable(path: Path, overwrite: bool, *, directory: bool = False) -> N
         OutputPathError: when a file output would replace a folder (which may hold anything).
     """
     if path.exists() and not overwrite:
-        raise OutputExistsError(f"{path} exists; choose another output path or pass overwrite=True (--overwrite)")
+        raise OutputExistsError(f"{path} exists; choose another output path or pass overwrite=True", path=path)
     if not directory and path.is_dir() and not path.is_symlink():
         raise OutputPathError(
             f"{path} is a folder, and the output is one file; remove the folder or choose another path"

@@ -34,7 +34,7 @@ import torch
 from ..adapter import Adapter, AdapterMetadata, check_compatible, module_union
 from ..bundle import BundleModule, FactorBasis, ReversibleBundle
 from ..errors import IncompatibleAdaptersError, InvalidParameterError
-from ..lowrank import COMPUTE_DTYPE, LowRank
+from ..lowrank import COMPUTE_DTYPE, LowRank, inner
 from ._registry import register_method
 
 __all__ = ["RmmParams", "position_basis", "rmm", "rmm_module", "shared_basis"]
@@ -77,8 +77,7 @@ def position_basis(positions: torch.Tensor, basis_size: int) -> FactorBasis:
     U, S, Vh = torch.linalg.svd(positions.to(COMPUTE_DTYPE), full_matrices=False)
     keep = min(basis_size, S.shape[1])
     S = torch.where(S > _RTOL * S[:, :1], S, 0.0)
-    residual = S[:, keep:].pow(2).sum() / S.pow(2).sum().clamp_min(torch.finfo(COMPUTE_DTYPE).tiny)
-    return FactorBasis(U[:, :, :keep], S[:, :keep, None] * Vh[:, :keep], residual)
+    return FactorBasis(U[:, :, :keep], S[:, :keep, None] * Vh[:, :keep])
 
 
 def shared_basis(positions: torch.Tensor, basis_size: int) -> FactorBasis:
@@ -93,8 +92,7 @@ def shared_basis(positions: torch.Tensor, basis_size: int) -> FactorBasis:
     top = float(eigenvalues[0]) if eigenvalues.numel() else 0.0
     keep = min(basis_size, int((eigenvalues > _RTOL * top).sum())) if top > 0 else 0
     C = vectors[:, :keep].T
-    residual = eigenvalues[keep:].sum() / eigenvalues.sum().clamp_min(torch.finfo(COMPUTE_DTYPE).tiny)
-    return FactorBasis(X @ C.T, C[None], residual)
+    return FactorBasis(X @ C.T, C[None])
 
 
 def rmm_module(
@@ -120,7 +118,16 @@ def rmm_module(
     ranks = [0] * tasks
     for t, update in zip(present, updates):
         ranks[t] = update.rank
-    return BundleModule(solve(B, basis_size), solve(A, basis_size), tuple(ranks), first.kernel_size)
+    module = BundleModule(solve(B, basis_size), solve(A, basis_size), tuple(ranks), torch.zeros(()), first.kernel_size)
+    # ‖ΔW − ΔŴ‖² = ‖ΔW‖² + ‖ΔŴ‖² − 2⟨ΔW, ΔŴ⟩, each from r × r products of the factors
+    error = total = torch.zeros((), dtype=COMPUTE_DTYPE)
+    for t, update in zip(present, updates):
+        recovered = module.factors(t)
+        own = inner(update, update)
+        error = error + own + inner(recovered, recovered) - 2 * inner(update, recovered)
+        total = total + own
+    residual = (error.clamp_min(0) / total) if total > 0 else torch.zeros((), dtype=COMPUTE_DTYPE)
+    return dataclasses.replace(module, residual=residual)
 
 
 @register_method(

@@ -21,13 +21,18 @@ Methods whose result is not an :class:`~adaptermerge.Adapter` are handled by wha
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import os
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+from tqdm.auto import tqdm
 
 from ..adapter import Adapter
 from ..io import peft as peft_format
@@ -36,7 +41,8 @@ from ..methods import get_method, list_methods
 from .suite import Suite
 
 __all__ = [
-    "DENSITIES", "GRID", "PEFT_TYPES", "BenchRow", "reference_rows", "run_method", "run_peft", "run_quality_bench",
+    "DENSITIES", "GRID", "PEFT_TYPES", "BenchRow", "cached_quality_bench", "reference_rows", "run_method", "run_peft",
+    "run_quality_bench",
 ]  # fmt: skip
 
 logger = logging.getLogger(__name__)
@@ -86,6 +92,11 @@ class BenchRow:
     def to_dict(self) -> dict[str, Any]:
         row = dataclasses.asdict(self)
         return {**row, "mean_accuracy": self.mean_accuracy, "mean_normalised": self.mean_normalised}
+
+    @classmethod
+    def from_dict(cls, row: dict[str, Any]) -> BenchRow:
+        """The row :meth:`to_dict` wrote."""
+        return cls(**{f.name: row[f.name] for f in dataclasses.fields(cls)})
 
 
 def _rss_bytes() -> int | None:
@@ -152,8 +163,12 @@ def _select(
     merge: Callable[[float, dict[str, float]], Adapter],
     own: dict,
     candidates: Sequence[tuple[float, dict[str, float]]],
+    tick: Callable[[], Any] = lambda: None,
 ) -> BenchRow:
-    """Merge at every candidate (weight, hyper-parameters), keep the best on validation, report it on test."""
+    """Merge at every candidate (weight, hyper-parameters), keep the best on validation, report it on test.
+
+    `tick` is called after each candidate (a progress bar's update).
+    """
     curve, best = {}, None
     for weight, params in candidates:
         merged, seconds, peak = measure(lambda w=weight, p=params: merge(w, p))
@@ -162,6 +177,7 @@ def _select(
         curve[label] = sum(score.values()) / len(score)
         if best is None or curve[label] > curve[_label(best[0], best[1])]:
             best = (weight, params, merged, seconds, peak)
+        tick()
     weight, params, merged, seconds, peak = best
     accuracy = suite.evaluate(merged)
     return BenchRow(
@@ -187,11 +203,22 @@ def _recovery_row(suite: Suite, name: str, own: dict) -> BenchRow:
     return BenchRow(name, "recovery", accuracy, _normalise(accuracy, own["test"]), None, seconds, peak, note)
 
 
-def run_method(suite: Suite, name: str, own: dict, *, grid: Sequence[float] = GRID) -> BenchRow:
-    """One registered method's row (a merge with weight and density chosen on validation, or a recovery row)."""
+def _tuned(name: str, *, peft: bool = False) -> bool:
+    """Whether a row chooses a density with its weight: our methods with a `density`, peft's sparsifying types."""
+    if peft:
+        return any(key in name for key in ("ties", "dare", "magnitude"))
+    return "density" in get_method(name).param_names
+
+
+def run_method(
+    suite: Suite, name: str, own: dict, *, grid: Sequence[float] = GRID, tick: Callable[[], Any] = lambda: None
+) -> BenchRow:
+    """One registered method's row (a merge with weight and density chosen on validation, or a recovery row).
+
+    `tick` is called after each merge tried on validation.
+    """
     paths = [suite.adapter_paths[t] for t in suite.tasks]
-    tuned = "density" in get_method(name).param_names
-    candidates = _candidates(grid, tuned)
+    candidates = _candidates(grid, _tuned(name))
     if name in _TRUNCATING:
         total_rank = sum(adapter[next(iter(adapter))].rank for adapter in suite.adapters())
         candidates = [(w, {"rank": total_rank, **p}) for w, p in candidates]
@@ -199,20 +226,30 @@ def run_method(suite: Suite, name: str, own: dict, *, grid: Sequence[float] = GR
         probe = merge_adapters(paths, [grid[0]] * len(paths), method=name)
         if isinstance(probe, Adapter):
             merge = lambda w, p: merge_adapters(paths, [w] * len(paths), name, **p)  # noqa: E731
-            return _select(suite, name, "adaptermerge", merge, own, candidates)
+            return _select(suite, name, "adaptermerge", merge, own, candidates, tick)
         if hasattr(probe, "recover"):
             return _recovery_row(suite, name, own)
         if hasattr(probe, "merge"):
             merge = lambda w, p: merge_adapters(paths, method=name, **p).merge([w] * len(paths))  # noqa: E731
-            return _select(suite, name, "adaptermerge", merge, own, candidates)
+            return _select(suite, name, "adaptermerge", merge, own, candidates, tick)
         return BenchRow(name, "adaptermerge", note=f"result {type(probe).__name__} has neither recover nor merge")
     except Exception as err:  # a broken method must not hide the others' rows
         logger.warning("method %s failed: %s", name, err)
         return BenchRow(name, "adaptermerge", note=f"failed: {type(err).__name__}: {err}"[:200])
 
 
-def run_peft(suite: Suite, combination_type: str, own: dict, *, grid: Sequence[float] = GRID) -> BenchRow:
-    """peft's `add_weighted_adapter(combination_type=...)` on a PeftModel holding every task's LoRA."""
+def run_peft(
+    suite: Suite,
+    combination_type: str,
+    own: dict,
+    *,
+    grid: Sequence[float] = GRID,
+    tick: Callable[[], Any] = lambda: None,
+) -> BenchRow:
+    """peft's `add_weighted_adapter(combination_type=...)` on a PeftModel holding every task's LoRA.
+
+    `tick` is called after each merge tried on validation.
+    """
     import copy
 
     from peft import PeftModel, get_peft_model_state_dict
@@ -222,7 +259,6 @@ def run_peft(suite: Suite, combination_type: str, own: dict, *, grid: Sequence[f
     )
     for task in suite.tasks[1:]:
         model.load_adapter(str(suite.adapter_paths[task]), adapter_name=task)
-    tuned = any(key in combination_type for key in ("ties", "dare", "magnitude"))
     svd_rank = sum(model.peft_config[t].r for t in suite.tasks) if combination_type.endswith("svd") else None
 
     def merge(weight: float, params: dict[str, float]) -> Adapter:
@@ -237,7 +273,15 @@ def run_peft(suite: Suite, combination_type: str, own: dict, *, grid: Sequence[f
         return peft_format.from_state_dict({k: v.detach().clone() for k, v in state.items()}, config, "merged")
 
     try:
-        row = _select(suite, f"peft:{combination_type}", "peft", merge, own, _candidates(grid, tuned))
+        row = _select(
+            suite,
+            f"peft:{combination_type}",
+            "peft",
+            merge,
+            own,
+            _candidates(grid, _tuned(combination_type, peft=True)),
+            tick,
+        )
         row.note = f"svd_rank={svd_rank}" if svd_rank else ""
         return row
     except Exception as err:
@@ -251,7 +295,7 @@ def run_quality_bench(
     methods: Sequence[str] | None = None,
     peft_types: Sequence[str] = PEFT_TYPES,
     grid: Sequence[float] = GRID,
-    progress: Callable[[str], None] | None = None,
+    progressbar: bool = False,
 ) -> dict[str, Any]:
     """Every row of the quality table for `suite`, plus what the report needs.
 
@@ -260,22 +304,27 @@ def run_quality_bench(
         methods (`list[str]`, *optional*): registered method names; every registered method by default.
         peft_types (`list[str]`): peft `combination_type`s to include as baselines (empty for none).
         grid (`list[float]`): the uniform weights tried on validation, the same for every method.
-        progress (`callable`, *optional*): called with a line as each row starts.
+        progressbar (`bool`, defaults to `False`): show a progress bar over the merges tried, naming the row.
 
     Returns:
         `dict`: `suite`, `tasks`, `descriptions`, `grid`, `rows` (list of :class:`BenchRow`), `cross` (each adapter
         on every task).
     """
-    base, individual, cross, own = reference_rows(suite)
-    rows = [base, individual]
-    for name in methods if methods is not None else [m.name for m in list_methods()]:
-        if progress:
-            progress(f"merging with {name}")
-        rows.append(run_method(suite, name, own, grid=grid))
-    for combination_type in peft_types:
-        if progress:
-            progress(f"merging with peft's {combination_type}")
-        rows.append(run_peft(suite, combination_type, own, grid=grid))
+    methods = list(methods) if methods is not None else [m.name for m in list_methods()]
+    total = sum(len(_candidates(grid, _tuned(n))) for n in methods)
+    total += sum(len(_candidates(grid, _tuned(t, peft=True))) for t in peft_types)
+    bar = tqdm(total=total, desc=f"merging {suite.config.name} LoRAs", unit="merge", disable=not progressbar)
+    with bar:
+        bar.set_postfix_str("references")
+        base, individual, cross, own = reference_rows(suite)
+        rows = [base, individual]
+        for name in methods:
+            bar.set_postfix_str(name)
+            rows.append(run_method(suite, name, own, grid=grid, tick=bar.update))
+        for combination_type in peft_types:
+            bar.set_postfix_str(f"peft:{combination_type}")
+            rows.append(run_peft(suite, combination_type, own, grid=grid, tick=bar.update))
+        bar.update(bar.total - bar.n)  # recovery rows and failed rows try fewer merges than counted
     return {
         "suite": suite.config.name,
         "tasks": suite.tasks,
@@ -286,3 +335,39 @@ def run_quality_bench(
         "cross": cross,
         "cache": str(suite.folder),
     }
+
+
+def _fingerprint(suite: Suite, settings: dict[str, Any]) -> str:
+    """A hash of the suite, the bench settings, the installed peft and every source file of adaptermerge."""
+    import peft
+
+    digest = hashlib.sha256(json.dumps({**settings, "suite": suite.config.key(), "peft": peft.__version__}).encode())
+    for source in sorted(Path(__file__).parents[1].rglob("*.py")):
+        digest.update(source.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def cached_quality_bench(
+    suite: Suite,
+    *,
+    methods: Sequence[str],
+    peft_types: Sequence[str],
+    grid: Sequence[float] = GRID,
+    progressbar: bool = False,
+) -> dict[str, Any]:
+    """:func:`run_quality_bench`, its results kept in the suite's cache folder and reused while nothing changed.
+
+    The results are reused only for the same suite, methods, peft types, grid, installed peft and adaptermerge source
+    (every `.py` file of the package is hashed), so a changed method is always measured again.
+
+    Returns:
+        `dict`: as :func:`run_quality_bench`, plus `"reused": True` when the rows came from the cache.
+    """
+    settings = {"methods": list(methods), "peft_types": list(peft_types), "grid": list(grid)}
+    path = suite.folder / f"bench-{_fingerprint(suite, settings)}.json"
+    if path.is_file():
+        stored = json.loads(path.read_text())
+        return {**stored, "rows": [BenchRow.from_dict(r) for r in stored["rows"]], "reused": True}
+    results = run_quality_bench(suite, methods=methods, peft_types=peft_types, grid=grid, progressbar=progressbar)
+    path.write_text(json.dumps({**results, "rows": [r.to_dict() for r in results["rows"]]}))
+    return results

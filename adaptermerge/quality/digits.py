@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .suite import SPLITS, Suite, SuiteConfig, TaskData, build_suite
 
@@ -132,7 +133,7 @@ def _splits(seed: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tens
     return x, y, dict(zip(SPLITS, (order[:cut1], order[cut1:cut2], order[cut2:])))
 
 
-def _pretrain(config: SuiteConfig) -> tuple[DigitsBackbone, nn.Linear]:
+def _pretrain(config: SuiteConfig, progressbar: bool = False) -> tuple[DigitsBackbone, nn.Linear]:
     """Pretrain backbone and head on "which digit", upright at the canvas centre, on the training images."""
     x, y, splits = _splits(config.seed)
     x = _place(x, CENTRE)
@@ -142,7 +143,8 @@ def _pretrain(config: SuiteConfig) -> tuple[DigitsBackbone, nn.Linear]:
     optimizer = torch.optim.Adam([*backbone.parameters(), *head.parameters()], lr=1e-2)
     generator = torch.Generator().manual_seed(config.seed)
     train = splits["train"]
-    for _ in range(config.extra["pretrain_epochs"]):
+    epochs = tqdm(range(config.extra["pretrain_epochs"]), desc="pretraining the digits MLP", disable=not progressbar)
+    for _ in epochs:
         for index in train[torch.randperm(len(train), generator=generator)].split(64):
             loss = nn.functional.cross_entropy(head(backbone(x[index])), y[index])
             optimizer.zero_grad()
@@ -163,12 +165,15 @@ def _label_head(pretrained: nn.Linear, label: Callable, classes: int) -> nn.Line
     return head
 
 
-def load_digits_suite(config: SuiteConfig | None = None, *, cache_dir: str | Path | None = None) -> Suite:
+def load_digits_suite(
+    config: SuiteConfig | None = None, *, cache_dir: str | Path | None = None, progressbar: bool = False
+) -> Suite:
     """The digits suite, trained on first use (about a minute on 2 CPU cores) and read from the cache after.
 
     Args:
         config (`SuiteConfig`, *optional*): from :func:`digits_config`; the benchmark's by default.
         cache_dir (`str` or `Path`, *optional*): the cache root (see :func:`~adaptermerge.quality.suite.cache_root`).
+        progressbar (`bool`, defaults to `False`): show progress bars while training.
 
     Returns:
         `Suite`: backbone, heads, data and the PEFT folders of the task LoRAs.
@@ -186,7 +191,7 @@ def load_digits_suite(config: SuiteConfig | None = None, *, cache_dir: str | Pat
             backbone.load_state_dict(load_file(str(path)))
             pretrained.load_state_dict(load_file(str(head_path)))
         else:
-            backbone, head = _pretrain(config)
+            backbone, head = _pretrain(config, progressbar)
             pretrained.load_state_dict(head.state_dict())
             save_file(backbone.state_dict(), str(path))
             save_file(head.state_dict(), str(head_path))
@@ -204,5 +209,10 @@ def load_digits_suite(config: SuiteConfig | None = None, *, cache_dir: str | Pat
         return _label_head(pretrained, DIGITS_TASKS[task][2], classes)
 
     return build_suite(
-        config, load_backbone=load_backbone, load_data=load_data, make_head=make_head, cache_dir=cache_dir
+        config,
+        load_backbone=load_backbone,
+        load_data=load_data,
+        make_head=make_head,
+        cache_dir=cache_dir,
+        progressbar=progressbar,
     )

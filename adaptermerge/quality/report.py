@@ -6,10 +6,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+from rich import box
 from rich.console import Console
+from rich.measure import Measurement
 from rich.table import Table
 
-__all__ = ["print_table", "summary", "write_json", "write_png"]
+__all__ = ["print_table", "summary", "to_json", "write_json", "write_png"]
 
 
 def _pct(value: float | None) -> str:
@@ -24,11 +26,27 @@ def _choice(row) -> str:
 
 
 def print_table(results: dict[str, Any], console: Console | None = None) -> Table:
-    """Print per-task test accuracy (%), averages, chosen weight (and density `d`), merge time, peak memory."""
+    """Print test accuracy (%) per task, averages, chosen weight (and density `d`), merge time, peak memory.
+
+    When the per-task columns do not fit the console's width (`COLUMNS`, 80 for files and pipes), they are left out
+    and the table says so; `write_json` keeps every number.
+    """
+    console = console or Console()
     tasks = results["tasks"]
-    table = Table(title=f"merge quality on the {results['suite']} suite (test accuracy %, weight chosen on val)")
-    for column in ("method", "w", *tasks, "avg", "norm", "time ms", "peak MiB", "note"):
-        table.add_column(column, justify="left" if column in ("method", "note") else "right")
+    table = _table(results, tasks)
+    if Measurement.get(console, console.options.update_width(10_000), table).maximum > console.width:
+        table = _table(results, [])
+        table.caption = f"per-task accuracy ({len(tasks)} tasks) left out to fit {console.width} columns: see the JSON"
+    console.print(table)
+    return table
+
+
+def _table(results: dict[str, Any], tasks: list[str]) -> Table:
+    title = f"merge quality on the {results['suite']} suite (test accuracy %, weight w chosen on validation)"
+    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False)
+    for column in ("method", "w", *tasks, "avg", "norm", "ms", "MiB", "note"):
+        left = column in ("method", "note")
+        table.add_column(column, justify="left" if left else "right", no_wrap=not left, overflow="fold")
     for row in results["rows"]:
         style = "bold" if row.kind == "reference" else ("cyan" if row.kind == "peft" else None)
         table.add_row(
@@ -42,10 +60,6 @@ def print_table(results: dict[str, Any], console: Console | None = None) -> Tabl
             row.note,
             style=style,
         )
-    console = console or Console()
-    if not console.is_terminal:  # files and pipes: no wrapping of the wide table
-        console.width = max(console.width, 200)
-    console.print(table)
     return table
 
 
@@ -65,12 +79,16 @@ def summary(results: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def to_json(results: dict[str, Any]) -> dict[str, Any]:
+    """Every row (with validation curves), the cross-task accuracy of each adapter and the summary, as plain data."""
+    return {**results, "rows": [r.to_dict() for r in results["rows"]], "summary": summary(results)}
+
+
 def write_json(results: dict[str, Any], path: str | Path) -> Path:
-    """Write every row (with validation curves) and the cross-task accuracy of each adapter as JSON."""
+    """Write :func:`to_json` of the results to `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {**results, "rows": [r.to_dict() for r in results["rows"]], "summary": summary(results)}
-    path.write_text(json.dumps(payload, indent=2))
+    path.write_text(json.dumps(to_json(results), indent=2))
     return path
 
 
@@ -89,11 +107,13 @@ def write_png(results: dict[str, Any], path: str | Path) -> Path:
     axis.bar(range(len(rows)), [r.mean_normalised for r in rows], color=[colours[r.kind] for r in rows])
     axis.axhline(rows[0].mean_normalised, color="black", linestyle=":", linewidth=1, label="base (weight 0)")
     axis.set_xticks(range(len(rows)), [r.name for r in rows], rotation=60, ha="right", fontsize=8)
-    axis.set_ylabel("avg normalised accuracy (merged / own adapter)")
+    axis.set_ylabel("avg normalised accuracy\n(merged / own adapter)")
     axis.set_ylim(0, 1.05)
-    axis.set_title(f"{results['suite']}: blue adaptermerge, orange peft, green RMM recovery, grey references")
+    axis.set_title(
+        f"{results['suite']} suite\nblue adaptermerge, orange peft, green RMM recovery, grey references", fontsize=10
+    )
     axis.legend(loc="lower right", fontsize=8)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    figure.savefig(path, dpi=120, bbox_inches="tight")  # nothing cut: the title and labels set the bounds
     plt.close(figure)
     return path

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..adapter import Adapter
 from ..io import load_adapter
@@ -164,7 +165,15 @@ class Suite:
         return results
 
 
-def _train_lora(backbone: nn.Module, head: nn.Linear, train: TaskData, config: SuiteConfig, seed: int, path: Path):
+def _train_lora(
+    backbone: nn.Module,
+    head: nn.Linear,
+    train: TaskData,
+    config: SuiteConfig,
+    seed: int,
+    path: Path,
+    on_epoch: Callable[[], Any],
+) -> None:
     """Train one task's LoRA with peft on a copy of the frozen backbone and save it as a PEFT folder."""
     from peft import LoraConfig, get_peft_model
 
@@ -183,6 +192,7 @@ def _train_lora(backbone: nn.Module, head: nn.Linear, train: TaskData, config: S
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+        on_epoch()
     model.save_pretrained(str(path))
 
 
@@ -194,6 +204,7 @@ def build_suite(
     make_head: Callable[[str, int], nn.Linear],
     cache_dir: str | Path | None = None,
     eval_batch_size: int = 4096,
+    progressbar: bool = False,
 ) -> Suite:
     """Build a suite, training its heads and LoRAs unless a cache folder for `config` holds them already.
 
@@ -204,6 +215,7 @@ def build_suite(
         make_head (`callable`): `(task, classes)` → the task's head (frozen after; see the protocol above).
         cache_dir (`str` or `Path`, *optional*): the cache root; see :func:`cache_root`.
         eval_batch_size (`int`): the batch size of evaluation.
+        progressbar (`bool`, defaults to `False`): show a progress bar over the LoRAs' training epochs.
 
     Returns:
         `Suite`: ready to evaluate; `suite.trained` says whether anything was trained.
@@ -219,6 +231,8 @@ def build_suite(
     heads, paths = {}, {}
     start, threads = time.perf_counter(), torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matrices: one thread is several times faster than two contending ones
+    total = len(config.tasks) * config.epochs
+    bar = tqdm(total=total, desc=f"training {config.name} LoRAs", unit="epoch", disable=not (progressbar and trained))
     try:
         for index, task in enumerate(config.tasks):
             head_file, adapter_dir = folder / "heads" / f"{task}.safetensors", folder / "adapters" / task
@@ -228,7 +242,9 @@ def build_suite(
                 heads[task] = make_head(task, classes[task]).requires_grad_(False).eval()
                 head_file.parent.mkdir(parents=True, exist_ok=True)
                 save_file({k: v.contiguous() for k, v in heads[task].state_dict().items()}, str(head_file))
-                _train_lora(backbone, heads[task], data[task]["train"], config, config.seed + index, adapter_dir)
+                bar.set_postfix_str(task)
+                train = data[task]["train"]
+                _train_lora(backbone, heads[task], train, config, config.seed + index, adapter_dir, bar.update)
             else:
                 state = load_file(str(head_file))
                 heads[task] = nn.Linear(state["weight"].shape[1], state["weight"].shape[0])
@@ -236,6 +252,7 @@ def build_suite(
                 heads[task].requires_grad_(False).eval()
             paths[task] = adapter_dir
     finally:
+        bar.close()
         torch.set_num_threads(threads)
     suite = Suite(config, backbone, heads, data, paths, descriptions, folder, trained, eval_batch_size)
     if trained:

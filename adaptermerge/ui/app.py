@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import html
+import json
 import logging
 import threading
 import time
@@ -87,9 +88,29 @@ def _coerce(control: ParamControl, value: Any) -> Any:
 
 CSS = """
 .am-preview td, .am-preview th, .am-heatmap td, .am-heatmap th {padding: 2px 8px; text-align: right}
+.am-heatmap-wrap {max-width: 100%; overflow-x: auto} .am-heatmap th.am-name {text-align: left; white-space: nowrap}
 .am-barcell {width: 200px} .am-bar {height: 12px; background: #e07b00}
 #preview-image img {min-width: 256px; min-height: 256px; object-fit: contain; image-rendering: pixelated}
 """
+
+# A number typed into a slider's box applies on Enter as it does on Tab (Gradio applies it when the box loses focus).
+JS = """
+() => document.addEventListener("keydown", (event) => {
+  const box = event.target;
+  const weight = box instanceof HTMLInputElement && box.type === "number"
+    && box.closest("[id^='weight-'], [id^='diffusion-weight-']");
+  if (event.key === "Enter" && weight) box.blur();
+})
+"""
+
+
+def advanced_placeholder(bench: Workbench) -> str:
+    """An example for the advanced-weights box, written with the loaded adapters' own name and module."""
+    if not bench.adapters:
+        return '{"adapter name": {"q_proj": 0.5, "default": 1.0}}'
+    first = bench.adapters[0]
+    module = next(iter(first), "q_proj").rsplit(".", 1)[-1]
+    return json.dumps({first.name: {module: 0.5, "default": 1.0}})
 
 
 def _diffusion_section(gr: Any) -> None:
@@ -251,7 +272,7 @@ def build_app(bench: Workbench, *, diffusion: bool = False) -> Any:
                     info="adapter name → per-module weights, times its slider: module patterns "
                     '({"fc1": 0.5, "default": 1.0}), diffusers blocks ({"unet": {"up": 0.0}}) or A1111 block '
                     'weights ({"lbw": "OUTD"}); empty: the sliders alone',
-                    placeholder='{"digit": {"fc1": 0.5, "default": 1.0}}',
+                    placeholder=advanced_placeholder(bench),
                     elem_id="advanced-weights",
                 )
                 uploads = gr.File(label="add an adapter (.safetensors)", file_count="multiple", elem_id="upload")
@@ -270,8 +291,7 @@ def build_app(bench: Workbench, *, diffusion: bool = False) -> Any:
                     label="preview", format="png", type="numpy", visible=image_base, elem_id="preview-image"
                 )
                 heatmap = gr.HTML(elem_id="heatmap")
-        if image_base:
-            fusion_section(gr, bench.preview_fn, lambda: bench.adapters)
+        refresh_fusion = fusion_section(gr, bench.preview_fn, lambda: bench.adapters) if image_base else None
         if diffusion:
             _diffusion_section(gr)
 
@@ -289,7 +309,9 @@ def build_app(bench: Workbench, *, diffusion: bool = False) -> Any:
         method.change(on_method, method, [method_doc, *widgets], api_name="select_method").then(**preview_args)
         app.load(on_method, method, [method_doc, *widgets], api_visibility="private").then(**preview_args)
         prompt.submit(set_prompt, prompt, None, api_name="set_prompt").then(**preview_args)
-        uploads.upload(on_upload, uploads, [*sliders, upload_status], api_name="upload")
+        uploaded = uploads.upload(on_upload, uploads, [*sliders, upload_status], api_name="upload")
+        if refresh_fusion is not None:
+            uploaded.then(**refresh_fusion)  # the fusion section's dropdowns list the new adapter
         export_button.click(on_export, [*inputs[:-1], fmt, advanced], exported, api_name="export")
     return app
 
@@ -323,6 +345,7 @@ def launch(
         prevent_thread_lock=prevent_thread_lock,
         max_file_size=MAX_UPLOAD_BYTES,
         css=CSS,
+        js=JS,
         theme=gr.themes.Default(),
         quiet=prevent_thread_lock,
     )

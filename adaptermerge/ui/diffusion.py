@@ -199,8 +199,6 @@ class PipelinePreview:
         """
         import adaptermerge
 
-        from ..integrations._live import host_live
-
         with self._lock:
             self._activate("fusion")
             key = (tuple(id(a) for a in adapters), method)
@@ -211,10 +209,7 @@ class PipelinePreview:
                     self.pipe, list(adapters), list(weights), method, adapter_name="fusion", **params
                 )
                 self._fusion = key if method in ("linear", "k_lora") and not params else None
-            live = "fusion" in host_live(self.pipe)
-            return self._render(
-                adaptermerge.merge_schedule_callback(self.pipe, adapter_name="fusion") if live else None
-            )
+            return self._render()  # a schedule or k_lora applies itself through the denoiser hook
 
     def _activate(self, name: str | None) -> None:
         """Make `name` the pipeline's only active adapter (None: LoRAs off), calling diffusers only on a change."""
@@ -230,7 +225,7 @@ class PipelinePreview:
         self._active = name
 
     @torch.no_grad()
-    def _render(self, callback: Any = None) -> np.ndarray:
+    def _render(self) -> np.ndarray:
         size = {"height": self.size, "width": self.size} if self.size else {}
         with torch_threads(self.threads):
             image = self.pipe(
@@ -238,7 +233,6 @@ class PipelinePreview:
                 num_inference_steps=self.steps,
                 generator=torch.Generator().manual_seed(self.seed),
                 output_type="np",
-                callback_on_step_end=callback,
                 **size,
             ).images[0]
         return (np.clip(image, 0.0, 1.0) * 255).round().astype(np.uint8)

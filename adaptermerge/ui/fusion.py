@@ -22,7 +22,16 @@ import numpy as np
 from ..adapter import Adapter
 from ..errors import AdapterMergeError, InvalidParameterError
 
-__all__ = ["AXES", "FUSION_MODES", "FusionSettings", "compose_grid", "fusion_section", "render_fusion", "xy_grid"]
+__all__ = [
+    "AXES",
+    "FUSION_MODES",
+    "FusionSettings",
+    "compose_grid",
+    "fusion_section",
+    "pair_choices",
+    "render_fusion",
+    "xy_grid",
+]
 
 FUSION_MODES = ("linear", "np_lora", "k_lora", "schedule")
 # XY axis label → the FusionSettings field it sets.
@@ -153,17 +162,28 @@ def _values(text: str, axis: str) -> list[float]:
     return values
 
 
-def fusion_section(gr: Any, preview: Any, adapters: Callable[[], Sequence[Adapter]]) -> None:
+def pair_choices(names: Sequence[str], subject: str | None, style: str | None) -> tuple[str | None, str | None]:
+    """The subject and style picks to show among `names`: the current ones where they still exist, else the first
+    adapter for the subject and the last for the style (None when there is none)."""
+    first, last = (names[0], names[-1]) if names else (None, None)
+    return (subject if subject in names else first), (style if style in names else last)
+
+
+def fusion_section(gr: Any, preview: Any, adapters: Callable[[], Sequence[Adapter]]) -> dict[str, Any]:
     """The page's "subject + style" section: pick the pair and the mode, render, and render an XY grid as a PNG.
 
     Endpoints: `/fusion` (subject, style, mode, subject weight, style weight, mu, subject start, subject stop,
     style start, style stop) → (image, timing); `/fusion_grid` (the same, then x axis, x values, y axis, y values)
-    → (grid image, PNG file).
+    → (grid image, PNG file); `/fusion_adapters` (subject, style) → the two dropdowns listing the adapters now.
 
     Args:
         gr: the gradio module.
         preview (`PipelinePreview`): the pipeline the images come from.
         adapters (`Callable`): the workbench's adapters at the time of a call (uploads included).
+
+    Returns:
+        `dict`: the event arguments (`fn`, `inputs`, `outputs`, `api_name`) that refresh the pair dropdowns, for the
+        page to run after an upload (`upload_event.then(**refresh)`).
     """
     names = [adapter.name for adapter in adapters()]
 
@@ -206,9 +226,10 @@ def fusion_section(gr: Any, preview: Any, adapters: Callable[[], Sequence[Adapte
             "uses one of the two, switching over the steps), or a schedule (each adapter active from its start to "
             "its stop, as fractions of the denoising steps)."
         )
+        first, last = pair_choices(names, None, None)
         with gr.Row():
-            subject = gr.Dropdown(names, value=names[0] if names else None, label="subject", elem_id="fusion-subject")
-            style = gr.Dropdown(names, value=names[-1] if names else None, label="style", elem_id="fusion-style")
+            subject = gr.Dropdown(names, value=first, label="subject", elem_id="fusion-subject")
+            style = gr.Dropdown(names, value=last, label="style", elem_id="fusion-style")
             mode = gr.Radio(list(FUSION_MODES), value=defaults.mode, label="mode", elem_id="fusion-mode")
         with gr.Row():
             weights = [
@@ -239,3 +260,9 @@ def fusion_section(gr: Any, preview: Any, adapters: Callable[[], Sequence[Adapte
     grid_button.click(
         on_grid, [*inputs, x_axis, x_values, y_axis, y_values], [grid, grid_file], api_name="fusion_grid"
     )
+
+    def on_adapters(*picks: str | None) -> tuple[Any, Any]:
+        names = [adapter.name for adapter in adapters()]
+        return tuple(gr.Dropdown(choices=names, value=pick) for pick in pair_choices(names, *picks))
+
+    return {"fn": on_adapters, "inputs": [subject, style], "outputs": [subject, style], "api_name": "fusion_adapters"}

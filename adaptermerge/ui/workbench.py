@@ -279,16 +279,19 @@ class Workbench:
         index, cosines = self.cosines(weights, specs)
         if len(index) < 2:
             return "<p>Give two or more adapters a nonzero weight to see how their updates overlap.</p>"
-        cells = ["<tr><th></th>" + "".join(f"<th>{html.escape(self.names[j])}</th>" for j in index) + "</tr>"]
+        # columns are numbered (the name in a tooltip) so the table keeps to its column however long the names
+        header = "".join(f"<th title='{html.escape(self.names[j])}'>{n}</th>" for n, j in enumerate(index, 1))
+        cells = [f"<tr><th></th>{header}</tr>"]
         for row, i in enumerate(index):
-            line = [f"<th>{html.escape(self.names[i])}</th>"]
+            line = [f"<th class='am-name'>{row + 1} {html.escape(self.names[i])}</th>"]
             for cos in cosines[row].tolist():
                 colour = f"rgba(220,40,40,{abs(cos):.2f})" if cos > 0 else f"rgba(40,90,220,{abs(cos):.2f})"
                 line.append(f"<td style='background:{colour}'>{cos:+.2f}</td>")
             cells.append("<tr>" + "".join(line) + "</tr>")
         weighted = "sliders × advanced weights" if specs else "sliders"
         note = f"cosine of the weighted updates ({weighted}) over all modules; red: aligned, blue: opposed"
-        return f"<table class='am-heatmap'>{''.join(cells)}</table><p>{note}</p>"
+        table = f"<table class='am-heatmap'>{''.join(cells)}</table>"
+        return f"<div class='am-heatmap-wrap'>{table}</div><p>{note}</p>"
 
 
 def _module_inners(x: Adapter, y: Adapter, modules: Mapping[str, int]) -> torch.Tensor:
