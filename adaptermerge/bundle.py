@@ -1,11 +1,12 @@
-"""A reversible bundle: `k` basis updates per module and per-task coefficients, from which every task comes back.
+"""A reversible bundle: per module, a basis of each factor and per-task coefficients, from which every task comes back.
 
-Made by the `rmm` method (:mod:`adaptermerge.methods.rmm`). Per module the bundle holds shared orthonormal bases
-`U_B` `(out, p)` and `U_A` `(in, q)`, `k` basis cores `C_j` `(p, q)` and a `(T, k)` coefficient matrix, so that
-task `t`'s update is recovered as `ΔŴ_t = U_B (Σ_j c_tj C_j) U_Aᵀ`, and any weighted merge as
-`U_B (Σ_t w_t Σ_j c_tj C_j) U_Aᵀ`, without building an `out × in` matrix.
+Made by the `rmm` method (:mod:`adaptermerge.methods.rmm`). Per module and factor the bundle holds, for every
+position `p` (a row of `B`, a column of `A`), a basis `W_p` (`r × k`) and coefficients `C_p` (`k × T`, or one `C`
+shared by every position), so that task `t`'s factors are recovered row by row (column by column) as
+`W_p C_p[:, t]`, and any weighted merge is the concatenation of the recovered `w_t B̂_t Â_t`, without building an
+`out × in` matrix.
 
-On disk a bundle is one directory: `rmm_bundle.safetensors` (the tensors, keyed `<module>.<name>`) and
+On disk a bundle is one directory: `rmm_bundle.safetensors` (the tensors, keyed `<module>.<B|A>_<name>`) and
 `rmm_bundle.json` (the manifest: task names, default weights, per-module shapes and task ranks, provenance),
 written atomically.
 """
@@ -25,16 +26,38 @@ from safetensors.torch import load_file
 from .adapter import Adapter, AdapterMetadata
 from .errors import AdapterFormatError, InvalidParameterError
 from .io._write import atomic_path, save_tensors
-from .lowrank import COMPUTE_DTYPE, LowRank, truncate
+from .lowrank import COMPUTE_DTYPE, LowRank, concat, truncate
 
-__all__ = ["BundleModule", "ReversibleBundle", "is_bundle", "load_bundle"]
+__all__ = ["BundleModule", "FactorBasis", "ReversibleBundle", "is_bundle", "load_bundle"]
 
 MANIFEST_NAME = "rmm_bundle.json"
 TENSORS_NAME = "rmm_bundle.safetensors"
 FORMAT_TAG = "adaptermerge.rmm_bundle"
-FORMAT_VERSION = 1
-_TENSOR_FIELDS = ("U_B", "U_A", "cores", "coefficients", "eigenvalues")
+FORMAT_VERSION = 2
+_TENSOR_FIELDS = ("basis", "coefficients")
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
+
+
+@dataclass(frozen=True)
+class FactorBasis:
+    """One factor of one module: position `p`'s vector of task `t` is `basis[p] @ coefficients[p or 0][:, t]`.
+
+    Args:
+        basis (`torch.Tensor` of shape `(P, r, k)`): per position, `k` basis vectors of length `r`.
+        coefficients (`torch.Tensor` of shape `(P, k, T)` or `(1, k, T)`): per position, or shared by all.
+    """
+
+    basis: torch.Tensor
+    coefficients: torch.Tensor
+
+    def vectors(self, task: int) -> torch.Tensor:
+        """Task `task`'s `(P, r)` vectors, in float64."""
+        coefficients = self.coefficients[:, :, task].to(COMPUTE_DTYPE)
+        return (self.basis.to(COMPUTE_DTYPE) * coefficients[:, None, :]).sum(dim=-1)
+
+    @property
+    def num_parameters(self) -> int:
+        return self.basis.numel() + self.coefficients.numel()
 
 
 @dataclass(frozen=True)
@@ -42,42 +65,34 @@ class BundleModule:
     """One module of a bundle.
 
     Args:
-        U_B (`torch.Tensor` of shape `(out, p)`): orthonormal basis of the tasks' output sides.
-        U_A (`torch.Tensor` of shape `(in, q)`): orthonormal basis of the tasks' input sides.
-        cores (`torch.Tensor` of shape `(k, p, q)`): the basis updates `E_j = U_B C_j U_Aᵀ`.
-        coefficients (`torch.Tensor` of shape `(T, k)`): task `t` is `Σ_j coefficients[t, j] E_j`.
-        eigenvalues (`torch.Tensor` of shape `(T_m,)`): the Gram eigenvalues of the tasks present, descending; those
-            past the `k` kept sum to the squared reconstruction error.
+        B (`FactorBasis`): the rows of the tasks' `B`s (positions: `out`), zero-padded to the largest rank `r`.
+        A (`FactorBasis`): the columns of the tasks' `A`s (positions: `in`).
         ranks (`tuple[int, ...]`): each task's input rank in this module, `0` where the task lacks the module.
+        residual (`torch.Tensor`, 0-d): `Σ_t ‖ΔW_t − ΔŴ_t‖² / Σ_t ‖ΔW_t‖²` over the tasks present, measured when built.
         kernel_size (`tuple[int, ...]`): the conv kernel size, `()` for linear layers.
     """
 
-    U_B: torch.Tensor
-    U_A: torch.Tensor
-    cores: torch.Tensor
-    coefficients: torch.Tensor
-    eigenvalues: torch.Tensor
+    B: FactorBasis
+    A: FactorBasis
     ranks: tuple[int, ...]
+    residual: torch.Tensor
     kernel_size: tuple[int, ...] = ()
 
-    def core(self, weights: Sequence[float]) -> torch.Tensor:
-        """The `(p, q)` core of `Σ_t w_t ΔŴ_t`, in float64."""
-        w = torch.as_tensor(list(weights), dtype=COMPUTE_DTYPE)
-        mix = w @ self.coefficients.to(COMPUTE_DTYPE)
-        return torch.einsum("j,jpq->pq", mix, self.cores.to(COMPUTE_DTYPE))
+    def factors(self, task: int) -> LowRank:
+        """Task `task`'s recovered update `B̂ Â`, at the padded rank `r`, in float64."""
+        return LowRank(self.A.vectors(task).T.contiguous(), self.B.vectors(task), self.kernel_size)
 
-    def lowrank(self, core: torch.Tensor) -> LowRank:
-        """The update `U_B core U_Aᵀ` as factors `A = U_Aᵀ`, `B = U_B core` (float64)."""
-        U_B, U_A = self.U_B.to(COMPUTE_DTYPE), self.U_A.to(COMPUTE_DTYPE)
-        return LowRank(U_A.T.contiguous(), U_B @ core, self.kernel_size)
+    @property
+    def basis_kept(self) -> int:
+        return max(self.B.basis.shape[2], self.A.basis.shape[2])
 
     @property
     def shape(self) -> tuple[int, int]:
-        return (self.U_B.shape[0], self.U_A.shape[0])
+        return (self.B.basis.shape[0], self.A.basis.shape[0])
 
     @property
     def num_parameters(self) -> int:
-        return sum(getattr(self, name).numel() for name in _TENSOR_FIELDS[:4])
+        return self.B.num_parameters + self.A.num_parameters
 
     @property
     def separate_parameters(self) -> int:
@@ -85,9 +100,9 @@ class BundleModule:
         return sum(self.ranks) * sum(self.shape)
 
     @property
-    def residual(self) -> float:
-        """`Σ_t ‖ΔW_t − ΔŴ_t‖²_F` predicted by the Gram spectrum: the sum of the eigenvalues not kept."""
-        return float(self.eigenvalues[self.cores.shape[0] :].clamp_min(0).sum())
+    def relative_residual(self) -> float:
+        """The relative squared error of the recovered updates, `Σ_t ‖ΔW_t − ΔŴ_t‖² / Σ_t ‖ΔW_t‖²`."""
+        return float(self.residual)
 
 
 @dataclass(frozen=True)
@@ -131,18 +146,17 @@ class ReversibleBundle:
             task (`str` or `int`): a task name (see `task_names`) or its index.
             truncate_rank (`bool`, defaults to `True`): bring each module back to the task's own rank by a low-rank
                 SVD (ours; exact when the recovery is, the best approximation at that rank otherwise). When false,
-                the recovered update is returned as is, at rank `q` (the width of `U_A`).
+                the recovered factors are returned as they are, at the module's largest task rank.
 
         Raises:
             InvalidParameterError: for an unknown task.
         """
         t = self.task_index(task)
-        one_hot = [1.0 if i == t else 0.0 for i in range(len(self.task_names))]
         modules = {}
         for name, module in self.modules.items():
             if module.ranks[t] == 0:
                 continue
-            lowrank = module.lowrank(module.core(one_hot))
+            lowrank = module.factors(t)
             modules[name] = truncate(lowrank, module.ranks[t]) if truncate_rank else lowrank
         return self._adapter(modules, self.task_names[t], {"recovered_task": self.task_names[t]})
 
@@ -153,7 +167,8 @@ class ReversibleBundle:
 
         Args:
             weights (`list[float]`, *optional*): one weight per task, in `task_names` order.
-            rank (`int`, *optional*): truncate each module to this rank by a low-rank SVD; rank `q` otherwise.
+            rank (`int`, *optional*): truncate each module to this rank by a low-rank SVD; the sum of the recovered
+                ranks otherwise.
             adapter_name (`str`, defaults to `"merged"`): the result's name.
 
         Raises:
@@ -167,7 +182,10 @@ class ReversibleBundle:
             )
         modules = {}
         for name, module in self.modules.items():
-            lowrank = module.lowrank(module.core(weights))
+            present = [t for t, r in enumerate(module.ranks) if r and weights[t] != 0.0]
+            if not present:
+                continue
+            lowrank = concat([module.factors(t) for t in present], [weights[t] for t in present])
             modules[name] = truncate(lowrank, rank) if rank is not None else lowrank
         return self._adapter(modules, adapter_name, {"merged_weights": weights})
 
@@ -183,37 +201,31 @@ class ReversibleBundle:
         )
         return Adapter({n: lr.to(dtype) for n, lr in modules.items()}, metadata, name)
 
-    @property
-    def storage_dtype(self) -> torch.dtype:
-        return torch.promote_types(self.metadata.dtype, torch.float32)
-
     def storage(self) -> dict[str, Any]:
         """Sizes of the bundle and of the `T` separate adapters, and the predicted reconstruction errors."""
         bundle = sum(m.num_parameters for m in self.modules.values())
         separate = sum(m.separate_parameters for m in self.modules.values())
-        bundle_bytes = bundle * self.storage_dtype.itemsize
-        separate_bytes = separate * self.metadata.dtype.itemsize
+        itemsize = self.metadata.dtype.itemsize
+        bundle_bytes, separate_bytes = bundle * itemsize, separate * itemsize
         per_module = []
         for name, m in self.modules.items():
-            energy = float(m.eigenvalues.clamp_min(0).sum())
             per_module.append(
                 {
                     "module": name,
                     "shape": list(m.shape),
                     "task_ranks": list(m.ranks),
-                    "basis_kept": m.cores.shape[0],
-                    "core_shape": list(m.cores.shape[1:]),
+                    "basis_kept": m.basis_kept,
+                    "basis_rank": m.B.basis.shape[1],
                     "parameters": m.num_parameters,
                     "separate_parameters": m.separate_parameters,
-                    "residual": m.residual,
-                    "relative_residual": m.residual / energy if energy > 0 else 0.0,
+                    "relative_residual": m.relative_residual,
                 }
             )
         return {
             "tasks": list(self.task_names),
             "basis_size": self.basis_size,
             "modules": len(self.modules),
-            "dtype": str(self.storage_dtype).removeprefix("torch."),
+            "dtype": str(self.metadata.dtype).removeprefix("torch."),
             "bundle_parameters": bundle,
             "separate_parameters": separate,
             "bundle_bytes": bundle_bytes,
@@ -228,12 +240,14 @@ class ReversibleBundle:
         Raises:
             OutputExistsError: when `path` exists and `overwrite` is false.
         """
-        dtype = self.storage_dtype
+        dtype = self.metadata.dtype
         tensors, modules = {}, {}
         for name, m in self.modules.items():
-            for field_name in _TENSOR_FIELDS:
-                kept_dtype = dtype if field_name in ("U_B", "U_A", "cores") else COMPUTE_DTYPE
-                tensors[f"{name}.{field_name}"] = getattr(m, field_name).to(kept_dtype)
+            for side in ("B", "A"):
+                for field_name in _TENSOR_FIELDS:
+                    kept_dtype = dtype
+                    tensors[f"{name}.{side}_{field_name}"] = getattr(getattr(m, side), field_name).to(kept_dtype)
+            tensors[f"{name}.residual"] = m.residual.to(COMPUTE_DTYPE)
             modules[name] = {"shape": list(m.shape), "kernel_size": list(m.kernel_size), "ranks": list(m.ranks)}
         manifest = {
             "format": FORMAT_TAG,
@@ -267,14 +281,18 @@ class ReversibleBundle:
                 f"{path}: not a reversible bundle (no {MANIFEST_NAME} with format {FORMAT_TAG!r})"
             )
         manifest = json.loads((path / MANIFEST_NAME).read_text())
-        if manifest.get("version", 0) > FORMAT_VERSION:
-            raise AdapterFormatError(f"{path}: bundle version {manifest['version']} is newer than this adaptermerge")
+        if manifest.get("version", 0) != FORMAT_VERSION:
+            raise AdapterFormatError(
+                f"{path}: bundle version {manifest.get('version')} is not this adaptermerge's ({FORMAT_VERSION}); "
+                "merge the adapters with --method rmm again"
+            )
         try:
             tensors = load_file(str(path / TENSORS_NAME))
             modules = {
                 name: BundleModule(
-                    *(tensors[f"{name}.{f}"] for f in _TENSOR_FIELDS),
+                    *(FactorBasis(*(tensors[f"{name}.{side}_{f}"] for f in _TENSOR_FIELDS)) for side in ("B", "A")),
                     ranks=tuple(entry["ranks"]),
+                    residual=tensors[f"{name}.residual"],
                     kernel_size=tuple(entry["kernel_size"]),
                 )
                 for name, entry in manifest["modules"].items()

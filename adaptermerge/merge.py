@@ -197,14 +197,28 @@ def merge_adapters(
     loaded = load_adapters(adapters, allow_pickle=allow_pickle, skip_unknown=skip_unknown)
     check_same_family(loaded)
     resolvers = check_weights(weights, len(loaded))
+    out_dtype = dtype or loaded[0].metadata.dtype
+    provenance = {
+        "method": method,
+        "params": dataclasses.asdict(method_params),
+        "weights": [r.spec for r in resolvers],
+        "rank": rank,
+        "sources": [a.metadata.source or a.name for a in loaded],
+        "unused_keys": {
+            a.name: list(a.metadata.extra["unused_keys"]) for a in loaded if "unused_keys" in a.metadata.extra
+        },
+    }
     if not merge_method.per_module:
         if any(r.uniform is None for r in resolvers):
             raise InvalidParameterError(f"method {method!r} takes one number per adapter, not per-module weights")
-        return merge_method.fn(loaded, [r.uniform for r in resolvers], method_params)
+        result = merge_method.fn(loaded, [r.uniform for r in resolvers], method_params)
+        if not isinstance(result, Mapping):  # a result of its own kind (rmm's bundle)
+            return result
+        merged = {module: _cast_finite(update, out_dtype, module) for module, update in result.items()}
+        return _merged_adapter(merged, loaded, resolvers, provenance, out_dtype, adapter_name)
 
     modules = module_union(loaded)
     check_compatible(loaded, modules)
-    out_dtype = dtype or loaded[0].metadata.dtype
     base_weights = base if base is None or isinstance(base, Mapping) else BaseWeights(base)
 
     def merge_module(module: str) -> LowRank | None:
@@ -246,22 +260,24 @@ def merge_adapters(
                         _release_freed_memory()
     finally:
         torch.set_num_threads(threads)
-    provenance = {
-        "method": method,
-        "params": dataclasses.asdict(method_params),
-        "weights": [r.spec for r in resolvers],
-        "rank": rank,
-        "sources": [a.metadata.source or a.name for a in loaded],
-        "unused_keys": {
-            a.name: list(a.metadata.extra["unused_keys"]) for a in loaded if "unused_keys" in a.metadata.extra
-        },
-    }
+    return _merged_adapter(merged, loaded, resolvers, provenance, out_dtype, adapter_name)
+
+
+def _merged_adapter(
+    merged: dict[str, LowRank],
+    loaded: list[Adapter],
+    resolvers: list,
+    provenance: dict[str, Any],
+    dtype: torch.dtype,
+    name: str,
+) -> Adapter:
+    """The merged modules as an adapter with the first input's metadata, the merge's provenance and side-cars."""
     first = loaded[0].metadata
     metadata = AdapterMetadata(
         base_model=first.base_model,
         format=first.format,
         source=None,
-        dtype=out_dtype,
+        dtype=dtype,
         extra={**{k: v for k, v in first.extra.items() if k != "unused_keys"}, "provenance": provenance},
     )
-    return Adapter(merged, metadata, adapter_name, merge_side_cars(loaded, resolvers, out_dtype))
+    return Adapter(merged, metadata, name, merge_side_cars(loaded, resolvers, dtype))

@@ -72,7 +72,8 @@ def test_inspect_json_reports_ranks_and_norms(two_adapters):
 def test_inspect_table_and_methods_list(two_adapters):
     shown = run("inspect", two_adapters[0]).output
     assert "starts with model.layers.0." in shown and "mlp.up_proj" in shown and "self_attn.q_proj" in shown
-    assert "linear" in run("methods").output
+    listing = run("methods").output
+    assert "linear" in listing and "Try first for LLM LoRAs: `tsv`" in listing
 
 
 def test_help_teaches_with_examples():

@@ -65,6 +65,35 @@ def test_sign_and_scale_of_a_unit_do_not_change_the_merge():
     close(lego([x, y], rank=3).to_dense(), lego([x, y_regauged], rank=3).to_dense())
 
 
+def lego_inputs():
+    updates = [random_lowrank(16, 12, r, seed=10 + r, dtype=torch.float64) for r in (4, 6, 3)]
+    return updates, [0.8, 1.0, -0.6]
+
+
+def test_permuting_one_adapters_ranks_does_not_change_the_merge():
+    """The MSUs are a set: reordering an adapter's ranks (same ΔW) leaves the pool and so the merge unchanged."""
+    updates, weights = lego_inputs()
+    order = torch.tensor([4, 1, 5, 0, 3, 2])
+    permuted = [updates[0], LowRank(updates[1].A[order], updates[1].B[:, order]), updates[2]]
+    for k in (3, 6, 9):
+        close(lego(permuted, weights, rank=k).to_dense(), lego(updates, weights, rank=k).to_dense())
+
+
+def test_adapter_order_does_not_change_the_merge():
+    updates, weights = lego_inputs()
+    for k in (3, 6, 9):
+        reordered = lego(updates[::-1], weights[::-1], rank=k)
+        close(reordered.to_dense(), lego(updates, weights, rank=k).to_dense())
+
+
+def test_rescaled_factors_do_not_change_the_merge():
+    """`(c B, A / c)` is the same adapter; the balanced units, and so the clustering, do not see `c`."""
+    updates, weights = lego_inputs()
+    rescaled = [LowRank(updates[0].A / 7.0, updates[0].B * 7.0), *updates[1:]]
+    for k in (3, 6):
+        close(lego(rescaled, weights, rank=k).to_dense(), lego(updates, weights, rank=k).to_dense())
+
+
 def test_units_are_balanced_and_sign_canonical():
     x = random_lowrank(10, 6, 3, seed=4, dtype=torch.float64)
     a, b, features = rank_one_units([x], [-2.0])

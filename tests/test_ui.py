@@ -32,8 +32,9 @@ def demo_adapters():
 
 
 TASKS = [adapter.name for adapter in demo_adapters()]
-# density, att_ratio, fuse_weight, seed, rank, majority_sign_method, param_reweighting, output_reweighting
-PARAMS = [0.2, 0.2, 2.0, 0, None, "total", True, True, 1.0, None, "input"]
+# density, att_ratio, fuse_weight, seed, rank, trim_density, majority_sign_method, common_space_fraction,
+# param_reweighting, output_reweighting, mu, directions, side, eta
+PARAMS = [0.2, 0.2, 2.0, 0, None, 0.2, "total", 0.8, True, True, 1.0, None, "input", 40.0]
 
 
 def free_port() -> int:
@@ -201,7 +202,10 @@ def test_heatmap_follows_diffusers_block_weights():
 
 
 def test_method_dropdown_shows_only_that_methods_parameters(client):
-    names = ["density", "att_ratio", "fuse_weight", "seed", "rank", "majority_sign_method", "param_reweighting"]
+    names = [
+        "density", "att_ratio", "fuse_weight", "seed", "rank", "trim_density", "majority_sign_method",
+        "common_space_fraction", "param_reweighting", "output_reweighting", "mu", "directions", "side", "eta",
+    ]  # fmt: skip
     for method, expected in [("ties", {"density", "majority_sign_method", "rank"}), ("linear", set())]:
         doc, *updates = client.predict(method, api_name="/select_method")
         visible = {name for name, update in zip(names, updates) if update["visible"]}

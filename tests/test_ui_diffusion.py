@@ -30,13 +30,16 @@ NO_PARAMS = [
     2.0,
     0,
     None,
+    0.2,
     "total",
+    0.8,
     True,
     True,
     1.0,
     None,
     "input",
-]  # every method parameter's box, ignored by linear
+    40.0,
+]  # every method parameter's box (in the app's order, as tests/test_ui.py's PARAMS), ignored by linear
 
 
 @pytest.fixture(scope="module")

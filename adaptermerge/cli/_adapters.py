@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from ._catalog import load_catalog
+from ._catalog import TRY_FIRST, load_catalog
 from ._console import console, is_quiet, print_json, shared_prefix, spinner, table
 from ._options import (
     FORMATS,
@@ -258,6 +258,7 @@ def methods(as_json: bool) -> None:
         for text in (method.summary, f"parameters: {params}"):
             out.print(textwrap.fill(text, out.width, initial_indent="  ", subsequent_indent="  "), highlight=False)
         out.print(paper, highlight=False, overflow="ignore", crop=False)
+    out.print(textwrap.fill(TRY_FIRST, out.width), highlight=False)
 
 
 COMMANDS = [merge, inspect, convert, methods]

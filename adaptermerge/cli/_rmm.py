@@ -109,11 +109,11 @@ def show_bundle(path: str, *, as_json: bool) -> None:
     if prefix:
         out.print(f"Every module name starts with [bold]{prefix}[/bold], left out below.", highlight=False)
     wide = out.width >= 120
-    columns = ["module", "shape", "task ranks", "kept"] + (["core", "parameters", "separate"] if wide else [])
+    columns = ["module", "shape", "task ranks", "kept"] + (["basis rank", "parameters", "separate"] if wide else [])
     rows = table(*columns, "rel. error", fold=["module", "task ranks"], right=["kept", "rel. error"])
     errors = _relative_errors(info)
     for m in info["per_module"]:
-        sizes = ["×".join(map(str, m["core_shape"])), f"{m['parameters']:,}", f"{m['separate_parameters']:,}"]
+        sizes = [str(m["basis_rank"]), f"{m['parameters']:,}", f"{m['separate_parameters']:,}"]
         rows.add_row(
             m["module"].removeprefix(prefix),
             "×".join(map(str, m["shape"])),

@@ -4,7 +4,9 @@ A method is registered with its parameter dataclass (frozen, validated in ``__po
 the paper it implements. Most methods are *per-module*: a pure function
 ``fn(updates, weights, params) -> LowRank`` on the updates of one module, which :func:`adaptermerge.merge_adapters`
 calls once per module. Methods that need every module at once (a global mask, a reversible bundle) register
-with ``per_module=False`` and take ``fn(adapters, weights, params)`` instead.
+with ``per_module=False`` and take ``fn(adapters, weights, params)`` instead, returning a mapping from module name
+to merged ``LowRank`` (which ``merge_adapters`` turns into an adapter as for per-module methods) or a result of
+their own kind.
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from ..errors import InvalidParameterError
@@ -62,7 +63,9 @@ def rank_one_units(
     Unit `i` of update `t` is `(a, b) = (A_t[i], w_t * B_t[:, i])`; it contributes `b aᵀ` to the sum. Two gauge
     choices that leave `b aᵀ` unchanged are fixed (ours; neither the abstract nor the re-implementation does this):
     the scale, so that `‖a‖ = ‖b‖`, and the sign, so that the largest-magnitude entry of `a` is positive. Units with
-    a zero half contribute nothing and are dropped.
+    a zero half contribute nothing and are dropped. The units come in a canonical order, by decreasing `‖b aᵀ‖` and
+    then by their features, so that the seeded k-means sees the same input whatever the order of the adapters and of
+    each adapter's ranks (the pool is a set, the paper's permutation invariance).
 
     Returns:
         `(a, b, features)`: `a` of shape `(N, in)`, `b` of shape `(N, out)`, and the clustering features
@@ -79,7 +82,9 @@ def rank_one_units(
     a, b = a * sign, b * sign
     root = (a_norm * b_norm).sqrt()[:, None]
     features = torch.cat([a / root, b / root], dim=1) / math.sqrt(2)
-    return a, b, features
+    keys = [*features.T.flip(0).numpy(), -(a_norm * b_norm).numpy()]  # np.lexsort: the last key sorts first
+    order = torch.from_numpy(np.lexsort(keys))
+    return a[order], b[order], features[order]
 
 
 def cluster_units(features: torch.Tensor, k: int, *, seed: int) -> torch.Tensor:
