@@ -214,6 +214,13 @@ def test_method_dropdown_shows_only_that_methods_parameters(client):
     assert "TIES" in doc and density["value"] == 0.2
 
 
+def test_whole_model_methods_are_offered_and_bundles_are_not():
+    """knots merges every module at once and returns an adapter; rmm returns a bundle, nothing to preview."""
+    from adaptermerge.ui.app import _methods
+
+    assert "knots" in _methods() and "rmm" not in _methods()
+
+
 def test_method_parameters_reach_the_merge(client):
     sparse = preview(client, "ties", [0.05, *PARAMS[1:]], **{t: 0.3 for t in TASKS})[0]
     dense = preview(client, "ties", [1.0, *PARAMS[1:]], **{t: 0.3 for t in TASKS})[0]

@@ -33,6 +33,8 @@ class MergeMethod:
         params_cls: the frozen dataclass of method-wide parameters.
         fn: the implementation (per module, or per adapter list when `per_module` is false).
         per_module: whether `fn` works on one module's updates.
+        returns_adapter: whether the result is an adapter (false for a method with a result of its own kind, such as
+            rmm's reversible bundle), so front ends know which methods give something to load or preview.
         float32_inputs: whether `merge_adapters` hands `fn` factors in float32 at least; a method that is exact in
             any dtype (a concatenation) takes float16/bfloat16 factors as read, which saves two passes over them.
         summary: the first line of `fn`'s docstring.
@@ -45,6 +47,7 @@ class MergeMethod:
     fn: Callable[..., Any]
     per_module: bool = True
     float32_inputs: bool = True
+    returns_adapter: bool = True
 
     @property
     def summary(self) -> str:
@@ -84,6 +87,7 @@ def register_method(
     reference_url: str,
     per_module: bool = True,
     float32_inputs: bool = True,
+    returns_adapter: bool = True,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register the decorated function as merge method `name`.
 
@@ -98,7 +102,9 @@ def register_method(
     def decorator(fn: Callable[..., Any]) -> Callable[..., Any]:
         if name in _REGISTRY:
             raise ValueError(f"merge method {name!r} is already registered")
-        _REGISTRY[name] = MergeMethod(name, pretty_name, reference_url, params, fn, per_module, float32_inputs)
+        _REGISTRY[name] = MergeMethod(
+            name, pretty_name, reference_url, params, fn, per_module, float32_inputs, returns_adapter
+        )
         return fn
 
     return decorator

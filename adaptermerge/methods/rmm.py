@@ -136,6 +136,7 @@ def rmm_module(
     pretty_name="Reversible merge (RMM: a basis of the factors + per-task coefficients)",
     reference_url="https://arxiv.org/abs/2510.14163",
     per_module=False,
+    returns_adapter=False,
 )
 def rmm(adapters: Sequence[Adapter], weights: Sequence[float], params: RmmParams) -> ReversibleBundle:
     """Build a reversible bundle: per module, a basis of each factor and each task's coefficients.

@@ -50,8 +50,8 @@ class ParamControl:
 
 
 def _methods() -> dict[str, Any]:
-    """The methods the app offers: those that return one adapter (per-module methods)."""
-    return {m.name: m for m in list_methods() if m.per_module}
+    """The methods the app offers: those that return one adapter (whole-model ones such as knots too)."""
+    return {m.name: m for m in list_methods() if m.returns_adapter}
 
 
 def _param_controls(methods: Mapping[str, Any]) -> list[ParamControl]:
