@@ -20,13 +20,14 @@ from adaptermerge.io import (
     hunyuan_video,
     kohya,
     load_adapter,
+    ltx_video,
     model_family,
     peft_state_dict,
     qwen_image,
     save_adapter,
     wan,
 )
-from adaptermerge.io._layout import join_parts
+from adaptermerge.io._layout import COMFYUI_FACTORS, join_parts
 from adaptermerge.lowrank import concat, norm
 from tests.factories import dense
 
@@ -708,6 +709,110 @@ def test_comfyui_hunyuan_video_reads_like_diffusers_converter():
     written = hunyuan_video.COMFYUI.to_state_dict(ours)
     stems = {k.rsplit(".lora_", 1)[0] for k in built.state_dict}
     assert {k.rsplit(".lora_", 1)[0] for k in written if not k.endswith(".alpha")} == stems
+
+
+def comfyui_ltx(seed: int, down: str = ".lora_A.weight", up: str = ".lora_B.weight") -> Builder:
+    """A ComfyUI LTX-Video LoRA over the modules whose original names are diffusers' (tiny widths)."""
+    built = Builder(seed, down, up)
+    for i in range(2):
+        block = f"diffusion_model.transformer_blocks.{i}"
+        for name in ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_out.0"):
+            built.add(f"{block}.{name}", H, H, 2, alpha=1 + i)
+        built.add(f"{block}.attn2.to_k", H, 8, 3).add(f"{block}.attn2.to_v", H, 8, 2, alpha=4)
+        built.add(f"{block}.ff.net.0.proj", 4 * H, H, 2).add(f"{block}.ff.net.2", H, 4 * H, 2, alpha=1)
+    built.add("diffusion_model.caption_projection.linear_1", H, 8, 2).add("diffusion_model.proj_out", 4, H, 2)
+    return built
+
+
+def test_comfyui_ltx_video_reads_like_diffusers_converters_and_loads_into_a_tiny_ltx_transformer(tmp_path):
+    from diffusers import LTXVideoTransformer3DModel
+    from diffusers.loaders.single_file_utils import convert_ltx_transformer_checkpoint_to_diffusers
+    from safetensors.torch import load_file
+
+    # LTX-Video-Trainer's files (peft suffixes, as diffusers reads them) and ComfyUI's own (kohya suffixes).
+    built = comfyui_ltx(60)
+    assert detect_format_of(built.state_dict) == "comfyui-ltx-video"
+    ours = ltx_video.COMFYUI.from_state_dict(built.copy())
+    assert_same_updates(ours, host_updates(host._convert_non_diffusers_ltxv_lora_to_diffusers(built.copy())))
+    kohya_suffixes = comfyui_ltx(60, *COMFYUI_FACTORS[0])
+    assert detect_format_of(kohya_suffixes.state_dict) == "comfyui-ltx-video"
+    assert_same_updates(ltx_video.COMFYUI.from_state_dict(kohya_suffixes.copy()), ours)
+    # The original model's patch embedder and modulation: a checkpoint holding their dense updates (alpha / rank
+    # times up @ down), renamed by diffusers' single-file converter, gives our modules (its LoRA converter only swaps
+    # the prefix, so diffusers cannot load these two from a LoRA file).
+    original = Builder(61).add("diffusion_model.patchify_proj", H, 4, 2, alpha=1)
+    original.add("diffusion_model.adaln_single.emb.timestep_embedder.linear_1", H, 8, 2)
+    original.add("diffusion_model.adaln_single.linear", 6 * H, H, 4, alpha=2)
+    factors = original.state_dict
+    stems = {k.removesuffix(".lora_down.weight") for k in factors if k.endswith(".lora_down.weight")}
+
+    def update(stem: str) -> torch.Tensor:
+        down, up = factors[f"{stem}.lora_down.weight"], factors[f"{stem}.lora_up.weight"]
+        return up @ down * (float(factors.get(f"{stem}.alpha", down.shape[0])) / down.shape[0])
+
+    renamed = convert_ltx_transformer_checkpoint_to_diffusers({f"model.{s}.weight": update(s) for s in stems})
+    ours = ltx_video.COMFYUI.from_state_dict(original.copy())
+    assert set(ours) == {f"transformer.{k.removesuffix('.weight')}" for k in renamed}
+    for key, expected in renamed.items():
+        torch.testing.assert_close(ours[f"transformer.{key.removesuffix('.weight')}"].to_dense().float(), expected)
+    written = ltx_video.COMFYUI.to_state_dict(ours)
+    assert {k.rsplit(".lora_", 1)[0] for k in written if not k.endswith(".alpha")} == stems
+
+    merged = merge_adapters([ltx_video.COMFYUI.from_state_dict(comfyui_ltx(62).copy())] * 2, [1.0, -0.25])
+    path = save_adapter(merged, tmp_path / "ltx.safetensors")
+    assert set(load_file(path)) == {k for k in comfyui_ltx(62).state_dict if not k.endswith(".alpha")}
+    torch.manual_seed(0)
+    model = LTXVideoTransformer3DModel(
+        in_channels=4,
+        out_channels=4,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        cross_attention_dim=8,
+        num_layers=2,
+        caption_channels=8,
+    )
+    converted = host._convert_non_diffusers_ltxv_lora_to_diffusers(load_file(path))
+    assert_fused_equals_reference(model, converted, merged)
+
+
+def test_ltx_video_is_named_by_its_own_modules_and_widths_and_left_open_on_shared_block_modules(tmp_path):
+    """LTX-Video's block modules are also Mochi's, PixArt's, CogView4's...: only its own modules (or the 2B's 2048-wide
+    cross-attention keys) name it; block modules alone at its widths name no family for sure, and merge with any."""
+    from click.testing import CliRunner
+
+    from adaptermerge.cli import main
+    from adaptermerge.errors import IncompatibleAdaptersError
+    from adaptermerge.io._family import LTX_OR_DIT, LTX_OR_LTX2
+
+    def adapter(*modules: tuple[str, int, int]) -> Adapter:
+        built = Builder(70, ".lora_A.weight", ".lora_B.weight")
+        for path, out_features, in_features in modules:
+            built.add(f"transformer.{path}", out_features, in_features, 1)
+        return diffusers.from_state_dict(built.copy())
+
+    def family(*modules: tuple[str, int, int]) -> str | None:
+        return model_family(adapter(*modules))
+
+    attention = ("transformer_blocks.0.attn1.to_q", 2048, 2048)
+    assert family(attention) == family(("transformer_blocks.3.ff.net.2", 4096, 16384)) == LTX_OR_DIT
+    assert family(("transformer_blocks.0.attn1.to_q", 1152, 1152)) is None  # PixArt's width
+    assert family(attention, ("transformer_blocks.0.attn2.to_k", 2048, 2048)) == "LTX-Video"
+    assert family(attention, ("transformer_blocks.0.attn2.to_k", 2048, 1024)) == LTX_OR_DIT  # Cosmos' text width
+    assert family(attention, ("proj_in", 2048, 128)) == "LTX-Video"
+    assert family(("caption_projection.linear_1", 4096, 4096)) == LTX_OR_LTX2
+    assert family(("caption_projection.linear_1", 1152, 4096)) is None  # PixArt's
+    assert family(attention, ("transformer_blocks.0.audio_attn1.to_q", 2048, 2048)) == "LTX-2"
+    comfy = Builder(71).add("diffusion_model.patchify_proj", 2048, 128, 1)
+    assert model_family(ltx_video.COMFYUI.from_state_dict(comfy.copy())) == "LTX-Video"
+
+    wan_adapter = wan.MUSUBI.from_state_dict(Builder(72).add("lora_unet_blocks_0_ffn_0", 2048, 2048, 1).copy())
+    merge_adapters([adapter(attention), wan_adapter])  # an open family is held against none
+    with pytest.raises(IncompatibleAdaptersError, match="is LTX-Video"):
+        merge_adapters([adapter(attention, ("proj_in", 2048, 128)), wan_adapter])
+    path = save_adapter(adapter(attention), tmp_path / "ltx.safetensors", format="comfyui-ltx-video")
+    result = CliRunner().invoke(main, ["inspect", str(path)])
+    assert result.exit_code == 0, result.output
+    assert f"family={LTX_OR_DIT}" in result.output and "format=comfyui-ltx-video" in result.output
 
 
 def test_the_clis_format_choices_are_the_readers_formats_and_layouts():

@@ -30,6 +30,7 @@ FORMATS = (
     "comfyui-wan",
     "musubi-wan",
     "comfyui-qwen-image",
+    "comfyui-ltx-video",
     "peft-transformer",
 )
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from types import ModuleType
 
 from ..errors import AdapterFormatError
-from . import diffusers, flux, hunyuan_video, kohya, peft, peft_state_dict, qwen_image, sd3, wan
+from . import diffusers, flux, hunyuan_video, kohya, ltx_video, peft, peft_state_dict, qwen_image, sd3, wan
 from ._layout import Layout
 from ._source import PICKLE_SUFFIXES, open_source
 
@@ -23,6 +23,7 @@ LAYOUTS: dict[str, Layout] = {
         *hunyuan_video.LAYOUTS,
         *wan.LAYOUTS,
         *qwen_image.LAYOUTS,
+        *ltx_video.LAYOUTS,
         *peft_state_dict.LAYOUTS,
     )
 }
