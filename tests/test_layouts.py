@@ -17,6 +17,7 @@ from adaptermerge.io import (
     detect_format,
     diffusers,
     flux,
+    flux2,
     hunyuan_video,
     kohya,
     load_adapter,
@@ -813,6 +814,99 @@ def test_ltx_video_is_named_by_its_own_modules_and_widths_and_left_open_on_share
     result = CliRunner().invoke(main, ["inspect", str(path)])
     assert result.exit_code == 0, result.output
     assert f"family={LTX_OR_DIT}" in result.output and "format=comfyui-ltx-video" in result.output
+
+
+def flux2_modules(kohya_names: bool = False) -> dict[str, tuple[int, int]]:
+    """Flux.2's BFL modules at tiny widths (SwiGLU MLP 6x in and 3x out, single-block linear1 9x, linear2 4x in):
+    `{path: (out, in)}`, kohya-flattened when asked, with only the modules diffusers' kohya converter knows."""
+    modules = {}
+    for i in range(2):
+        for stream in ("img", "txt"):
+            modules[f"double_blocks.{i}.{stream}_attn.qkv"] = (3 * H, H)
+            modules[f"double_blocks.{i}.{stream}_attn.proj"] = (H, H)
+            modules[f"double_blocks.{i}.{stream}_mlp.0"] = (6 * H, H)
+            modules[f"double_blocks.{i}.{stream}_mlp.2"] = (H, 3 * H)
+    modules.update({"single_blocks.0.linear1": (9 * H, H), "single_blocks.0.linear2": (H, 4 * H)})
+    modules.update({"img_in": (H, 8), "txt_in": (H, 24), "time_in.in_layer": (H, 8), "final_layer.linear": (8, H)})
+    if kohya_names:
+        return {path.replace(".", "_"): shape for path, shape in modules.items()}
+    modules.update({"time_in.out_layer": (H, H), "guidance_in.in_layer": (H, 8), "guidance_in.out_layer": (H, H)})
+    modules.update({"single_stream_modulation.lin": (3 * H, H), "double_stream_modulation_img.lin": (6 * H, H)})
+    return modules
+
+
+def comfyui_flux2(seed: int) -> Builder:
+    """An ai-toolkit Flux.2 LoRA, as ComfyUI and diffusers read it (`diffusion_model.`, peft suffixes, no alphas)."""
+    built = Builder(seed, ".lora_A.weight", ".lora_B.weight")
+    for path, (out_features, in_features) in flux2_modules().items():
+        built.add(f"diffusion_model.{path}", out_features, in_features, 2)
+    return built
+
+
+def test_flux2_layouts_read_like_diffusers_converters_and_flux1_names_alone_leave_the_family_open():
+    from adaptermerge.io._family import FLUX_OPEN
+
+    built = comfyui_flux2(80)
+    assert detect_format_of(built.state_dict) == "comfyui-flux2"
+    ours = flux2.COMFYUI.from_state_dict(built.copy())
+    assert_same_updates(ours, host_updates(host._convert_non_diffusers_flux2_lora_to_diffusers(built.copy())))
+    assert model_family(ours) == "Flux.2"
+    fal = {k.replace("diffusion_model.", "base_model.model."): v for k, v in built.copy().items()}
+    assert detect_format_of(fal) == "fal-flux2"
+    assert_same_updates(flux2.FAL.from_state_dict(fal), ours)
+    # diffusers' LoRA converter keeps the final layer's BFL order; its single-file converter swaps the halves
+    # (shift, scale -> scale, shift), as we do.
+    stem = "diffusion_model.final_layer.adaLN_modulation.1"
+    built.add(stem, 2 * H, H, 2)
+    up, down = built.state_dict[f"{stem}.lora_B.weight"], built.state_dict[f"{stem}.lora_A.weight"]
+    norm_out = flux2.COMFYUI.from_state_dict(built.copy())["transformer.norm_out.linear"]
+    torch.testing.assert_close(norm_out.to_dense().float(), torch.cat([up[H:], up[:H]]) @ down)
+
+    kohya_built = Builder(81)
+    for path, (out_features, in_features) in flux2_modules(kohya_names=True).items():
+        kohya_built.add(f"lora_unet_{path}", out_features, in_features, 3, alpha=1.5)
+    assert detect_format_of(kohya_built.state_dict) == "kohya-flux2"
+    ours = flux2.KOHYA.from_state_dict(kohya_built.copy())
+    assert_same_updates(
+        ours, diffusers.from_state_dict(host._convert_kohya_flux2_lora_to_diffusers(kohya_built.copy()))
+    )
+
+    # Double-block attention alone has one name and shape in both families: read as Flux.1, family open unless wider
+    # than Flux.1 (3072).
+    attention = Builder(82).add("lora_unet_double_blocks_0_img_attn_qkv", 3 * 3072, 3072, 1)
+    assert detect_format_of(attention.state_dict) == "kohya-flux"
+    assert model_family(flux.KOHYA.from_state_dict(attention.copy())) == FLUX_OPEN
+    wide = Builder(83).add("diffusion_model.double_blocks.0.txt_attn.qkv", 3 * 6144, 6144, 1)
+    assert detect_format_of(wide.state_dict) == "comfyui-flux"
+    assert model_family(flux.COMFYUI.from_state_dict(wide.copy())) == "Flux.2"
+    flux1 = kohya_flux(84, single=False)
+    assert model_family(flux.KOHYA.from_state_dict(flux1.copy())) == "Flux.1"
+    merge_adapters([flux.KOHYA.from_state_dict(attention.copy())] * 2)
+
+
+def test_written_comfyui_flux2_file_loads_into_a_tiny_flux2_transformer(tmp_path):
+    from diffusers import Flux2Transformer2DModel
+    from safetensors.torch import load_file
+
+    merged = merge_adapters([flux2.COMFYUI.from_state_dict(comfyui_flux2(85).copy())] * 2, [1.0, 0.5])
+    path = save_adapter(merged, tmp_path / "flux2.safetensors")
+    assert set(load_file(path)) == set(comfyui_flux2(85).state_dict)
+    torch.manual_seed(0)
+    model = Flux2Transformer2DModel(
+        in_channels=8,
+        num_layers=2,
+        num_single_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=24,
+        timestep_guidance_channels=8,
+        axes_dims_rope=(2, 2, 2, 2),
+    )
+    converted = host._convert_non_diffusers_flux2_lora_to_diffusers(load_file(path))
+    assert_fused_equals_reference(model, converted, merged)
+    kohya_path = save_adapter(merged, tmp_path / "kohya.safetensors", format="kohya")
+    assert detect_format(kohya_path) == "kohya-flux2"
+    assert_same_updates(load_adapter(kohya_path), merged)
 
 
 def test_the_clis_format_choices_are_the_readers_formats_and_layouts():

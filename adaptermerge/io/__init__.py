@@ -35,7 +35,7 @@ __all__ = [
 
 HUB_PREFIX = "hub:"
 # The layout kohya's own trainers write for a family whose modules they name as the original code does.
-KOHYA_LAYOUTS = {"Flux.1": "kohya-flux", "SD3": "kohya-sd3", "Wan": "musubi-wan"}
+KOHYA_LAYOUTS = {"Flux.1": "kohya-flux", "Flux.2": "kohya-flux2", "SD3": "kohya-sd3", "Wan": "musubi-wan"}
 
 
 def resolve_path(path_or_id: str | Path, *, allow_pickle: bool = False) -> Path:

@@ -7,7 +7,7 @@ from pathlib import Path
 from types import ModuleType
 
 from ..errors import AdapterFormatError
-from . import diffusers, flux, hunyuan_video, kohya, ltx_video, peft, peft_state_dict, qwen_image, sd3, wan
+from . import diffusers, flux, flux2, hunyuan_video, kohya, ltx_video, peft, peft_state_dict, qwen_image, sd3, wan
 from ._layout import Layout
 from ._source import PICKLE_SUFFIXES, open_source
 
@@ -18,6 +18,7 @@ FORMATS: dict[str, ModuleType] = {"peft": peft, "diffusers": diffusers, "kohya":
 LAYOUTS: dict[str, Layout] = {
     layout.name: layout
     for layout in (
+        *flux2.LAYOUTS,  # before Flux.1's, whose names it shares: it claims only files of Flux.2's shapes
         *flux.LAYOUTS,
         *sd3.LAYOUTS,
         *hunyuan_video.LAYOUTS,
@@ -76,8 +77,12 @@ def detect_format(path: str | Path, *, allow_pickle: bool = False) -> str:
             f"({', '.join(p.name for p in files) or 'none'}); pass the file itself"
         )
     file = files[0]
-    keys = open_source(file, allow_pickle=allow_pickle).keys()
-    for name, module in {**LAYOUTS, **FORMATS}.items():
+    source = open_source(file, allow_pickle=allow_pickle)
+    keys = source.keys()
+    for name, layout in LAYOUTS.items():
+        if layout.detect(file, keys, source):
+            return name
+    for name, module in FORMATS.items():
         if module.detect(file, keys):
             return name
     shown = ", ".join(keys[:3]) or "no tensors"

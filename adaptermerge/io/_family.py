@@ -15,13 +15,18 @@ from collections.abc import Sequence
 
 from ..adapter import Adapter, module_shape
 from ..errors import IncompatibleAdaptersError
+from . import flux, flux2
 from ._detect import LAYOUTS
 
 __all__ = ["AMBIGUOUS_FAMILIES", "check_same_family", "model_family"]
 
 # (family, a regex some module name matches); the first family with a match wins.
 _MARKERS = (
-    ("Flux.2", r"^transformer\.single_transformer_blocks\.\d+\.attn\.to_qkv_mlp_proj$"),
+    (
+        "Flux.2",
+        r"^transformer\.(single_transformer_blocks\.\d+\.attn\.to_qkv_mlp_proj$|time_guidance_embed\."
+        r"|(single_stream_modulation|double_stream_modulation_(img|txt))\.linear$)",
+    ),
     ("HunyuanVideo", r"^transformer\.context_embedder\.token_refiner\."),
     ("Flux.1", r"^transformer\.single_transformer_blocks\.\d+\.(attn\.to_[qkv]|proj_mlp|proj_out|norm\.linear)$"),
     ("Qwen-Image", r"^transformer\.transformer_blocks\.\d+\.(img_mlp|txt_mlp|img_mod|txt_mod)\."),
@@ -50,7 +55,12 @@ _BY_WIDTH = (
 # alone, at one of those widths, leave the family open; such names are not held against other families.
 LTX_OR_DIT = "LTX-Video or another DiT"
 LTX_OR_LTX2 = "LTX-Video or LTX-2"
-AMBIGUOUS_FAMILIES = frozenset({LTX_OR_DIT, LTX_OR_LTX2})
+# Flux.1 and Flux.2 share BFL's attention, embedder and final-layer names (and diffusers'), and Flux.2 klein 4B is
+# 3072 wide as Flux.1 is: a Flux.1-layout file of those modules alone is Flux.2 only when wider (klein 9B, dev).
+FLUX_OPEN = "Flux.1 or Flux.2"
+AMBIGUOUS_FAMILIES = frozenset({LTX_OR_DIT, LTX_OR_LTX2, FLUX_OPEN})
+_FLUX_SHARED = tuple(pattern for rule in flux.SHARED_RULES for pattern in rule.canonical_patterns)
+_FLUX_ATTENTION_INPUT = re.compile(r"^transformer\.transformer_blocks\.\d+\.attn\.(to_[qkv]|add_[qkv]_proj)$")
 _LTX_OWN = re.compile(
     r"^transformer\.(proj_in|time_embed\.emb\.timestep_embedder\.linear_[12]|caption_projection\.linear_[12])$"
 )
@@ -77,6 +87,11 @@ def model_family(adapter: Adapter) -> str | None:
     fit several, or None when it is not recognised."""
     layout = LAYOUTS.get(adapter.metadata.format)
     if layout is not None and layout.family is not None:
+        if layout.name in flux2.FLUX1_TWINS and all(
+            any(p.fullmatch(name.removeprefix("transformer.")) for p in _FLUX_SHARED) for name in adapter
+        ):
+            widths = {module_shape(adapter, name)[1] for name in adapter if _FLUX_ATTENTION_INPUT.match(name)}
+            return "Flux.2" if widths & {4096, 6144} else FLUX_OPEN
         return layout.family
     names = list(adapter)
     for family, marker in _MARKERS:

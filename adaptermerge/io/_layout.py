@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -233,6 +233,8 @@ class Layout:
             host library names them (kohya-flattened when `flat`).
         marker (`str`, *optional*): a regex some module path must match for detection, when `names` is an identity.
         alphas (`bool`, defaults to `True`): written files carry `.alpha` (= rank; the scale is folded into `up`).
+        shapes_fit (`Callable`, *optional*): for a family whose original names are another's (Flux.2 and Flux.1), a
+            test of the file's `{canonical name: (out, in)}` (modules with one canonical name) that detection needs.
     """
 
     name: str
@@ -244,6 +246,7 @@ class Layout:
     text_encoders: Mapping[str, str] = field(default_factory=dict)
     marker: str | None = None
     alphas: bool = True
+    shapes_fit: Callable[[Mapping[str, tuple[int, int]]], bool] | None = None
 
     def _roles(self) -> dict[str, str]:
         roles = {suffix: role for pair in self.factors for suffix, role in zip(pair, ("down", "up"))}
@@ -266,21 +269,31 @@ class Layout:
             return Rule(path, (path,)), [component_path(self.names.component, path, flat=self.flat)]
         return found
 
-    def detect(self, path: Path, keys: list[str]) -> bool:
+    def detect(self, path: Path, keys: list[str], source: TensorSource | None = None) -> bool:
         """A file whose keys all carry this layout's prefixes and most of whose LoRA modules are the family's (so a
         file with an odd module is still read, and refused or skipped by name; families that share a few names, such
-        as Flux.1 and SD3 `final_layer`, are told apart). With an identity name map, one module matches the marker."""
+        as Flux.1 and SD3 `final_layer`, are told apart). With an identity name map, one module matches the marker;
+        with `shapes_fit`, the modules' shapes (read from `source`, the file's header) must fit too."""
         if path.is_dir() or not keys or not all(k.startswith((self.prefix, *self.text_encoders)) for k in keys):
             return False
-        stems = {
-            split[0][len(self.prefix) :]
-            for k in keys
-            if k.startswith(self.prefix) and (split := self._split(k)) and split[1] in ("down", "up")
-        }
+        stems: dict[str, dict[str, str]] = {}
+        for k in keys:
+            if k.startswith(self.prefix) and (split := self._split(k)) and split[1] in ("down", "up"):
+                stems.setdefault(split[0][len(self.prefix) :], {})[split[1]] = k
         if self.marker is not None:
             return any(re.search(self.marker, stem) for stem in stems)
-        known = sum(self.names.to_canonical(stem, flat=self.flat) is not None for stem in stems)
-        return known > len(stems) / 2
+        found = {stem: self.names.to_canonical(stem, flat=self.flat) for stem in stems}
+        if sum(target is not None for target in found.values()) <= len(stems) / 2:
+            return False
+        if self.shapes_fit is None:
+            return True
+        source = source or open_source(path)
+        shapes = {
+            target[1][0]: (source.shape(stems[stem]["up"])[0], source.shape(stems[stem]["down"])[1])
+            for stem, target in found.items()
+            if target is not None and len(target[1]) == 1 and len(stems[stem]) == 2
+        }
+        return self.shapes_fit(shapes)
 
     def parse(self, source: TensorSource) -> tuple[dict, dict]:
         """What a state dict in this layout holds, under canonical names.

@@ -22,13 +22,21 @@ FAMILY = "Flux.1"
 
 _DOUBLE = "transformer_blocks.{i}"
 _SINGLE = "single_transformer_blocks.{i}"
+# BFL names that Flux.1 and Flux.2 share, with one diffusers name: double-block attention, embedders, final layer.
+SHARED_RULES = (
+    Rule("double_blocks.{i}.img_attn.qkv", tuple(f"{_DOUBLE}.attn.to_{p}" for p in "qkv")),
+    Rule("double_blocks.{i}.txt_attn.qkv", tuple(f"{_DOUBLE}.attn.add_{p}_proj" for p in "qkv")),
+    Rule("double_blocks.{i}.img_attn.proj", (f"{_DOUBLE}.attn.to_out.0",)),
+    Rule("double_blocks.{i}.txt_attn.proj", (f"{_DOUBLE}.attn.to_add_out",)),
+    Rule("img_in", ("x_embedder",)),
+    Rule("txt_in", ("context_embedder",)),
+    Rule("final_layer.linear", ("proj_out",)),
+    Rule("final_layer.adaLN_modulation.1", ("norm_out.linear",), swap_halves=True),
+)
 NAMES = NameMap(
     "transformer",
     [
-        Rule("double_blocks.{i}.img_attn.qkv", tuple(f"{_DOUBLE}.attn.to_{p}" for p in "qkv")),
-        Rule("double_blocks.{i}.txt_attn.qkv", tuple(f"{_DOUBLE}.attn.add_{p}_proj" for p in "qkv")),
-        Rule("double_blocks.{i}.img_attn.proj", (f"{_DOUBLE}.attn.to_out.0",)),
-        Rule("double_blocks.{i}.txt_attn.proj", (f"{_DOUBLE}.attn.to_add_out",)),
+        *SHARED_RULES,
         Rule("double_blocks.{i}.img_mlp.0", (f"{_DOUBLE}.ff.net.0.proj",)),
         Rule("double_blocks.{i}.img_mlp.2", (f"{_DOUBLE}.ff.net.2",)),
         Rule("double_blocks.{i}.txt_mlp.0", (f"{_DOUBLE}.ff_context.net.0.proj",)),
@@ -42,16 +50,12 @@ NAMES = NameMap(
         ),
         Rule("single_blocks.{i}.linear2", (f"{_SINGLE}.proj_out",)),
         Rule("single_blocks.{i}.modulation.lin", (f"{_SINGLE}.norm.linear",)),
-        Rule("img_in", ("x_embedder",)),
-        Rule("txt_in", ("context_embedder",)),
         Rule("time_in.in_layer", ("time_text_embed.timestep_embedder.linear_1",)),
         Rule("time_in.out_layer", ("time_text_embed.timestep_embedder.linear_2",)),
         Rule("vector_in.in_layer", ("time_text_embed.text_embedder.linear_1",)),
         Rule("vector_in.out_layer", ("time_text_embed.text_embedder.linear_2",)),
         Rule("guidance_in.in_layer", ("time_text_embed.guidance_embedder.linear_1",)),
         Rule("guidance_in.out_layer", ("time_text_embed.guidance_embedder.linear_2",)),
-        Rule("final_layer.linear", ("proj_out",)),
-        Rule("final_layer.adaLN_modulation.1", ("norm_out.linear",), swap_halves=True),
     ],
 )
 
