@@ -18,6 +18,7 @@ from ._options import (
     dtype_option,
     format_option,
     method_options,
+    output_format_option,
     overwrite_option,
     parse_weights,
     pop_method_params,
@@ -208,14 +209,7 @@ def inspect(path: str, as_json: bool, allow_pickle: bool, skip_unknown: bool) ->
 
 @click.command()
 @click.argument("path")
-@click.option(
-    "--format",
-    "output_format",
-    type=click.Choice(FORMATS),
-    default=None,
-    metavar="FORMAT",
-    help=f"Target format or trainer layout (required): {', '.join(FORMATS)}.",
-)
+@output_format_option("required")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Where to write the result.")
 @dtype_option
 @overwrite_option

@@ -132,14 +132,19 @@ def parse_weights(text: str | None) -> list[Any] | None:
         ) from None
 
 
-format_option = click.option(
-    "--format",
-    "output_format",
-    type=click.Choice(FORMATS),
-    default=None,
-    metavar="FORMAT",
-    help=f"Output format or trainer layout ({', '.join(FORMATS)}); the first input's format by default.",
-)
+def output_format_option(default_help: str) -> Callable[[Callable], Callable]:
+    """`--format FORMAT`, its choices listed in the help (a bracketed list would not fit 80 columns)."""
+    return click.option(
+        "--format",
+        "output_format",
+        type=click.Choice(FORMATS),
+        default=None,
+        metavar="FORMAT",
+        help=f"Output format or trainer layout ({', '.join(FORMATS)}); {default_help}.",
+    )
+
+
+format_option = output_format_option("the first input's format by default")
 dtype_option = click.option(
     "--dtype",
     type=click.Choice(DTYPES),
