@@ -1,6 +1,7 @@
 """Reversible bundles (rmm): k basis adapters per module, exact at k = T, errors from the spectra, sizes, CLI."""
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -184,6 +185,21 @@ def test_layer_bundle_of_equal_rank_adapters_is_smaller_than_the_adapters_for_k_
     basis_bytes, coefficient_bytes = k * 4 * (28 + 32) * 4, 2 * 2 * (k * 4) * 4
     assert info["bundle_bytes"] == basis_bytes + coefficient_bytes
     assert info["bundle_bytes"] < info["separate_bytes"] == 4 * 4 * (28 + 32) * 4
+
+
+def test_a_position_bundle_that_is_not_smaller_than_the_adapters_says_so():
+    """Four rank-4 tasks: per-position coefficients are compact only for k < r T / (r + T) = 2."""
+    from adaptermerge.errors import AdapterMergeWarning
+
+    adapters = [make_adapter(SHAPES, rank=4, seed=s, name=f"t{s}") for s in range(4)]
+    with pytest.warns(AdapterMergeWarning, match=r"--coefficients layer"):
+        info = build(adapters, basis_size=2).storage()
+    assert info["bundle_parameters"] >= info["separate_parameters"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", AdapterMergeWarning)
+        assert build(adapters, basis_size=1).storage()["size_ratio"] < 1
+        assert build(adapters, basis_size=2, coefficients="layer").storage()["size_ratio"] < 1
+        build(adapters, basis_size=4)  # exact: k = T is not a compression
 
 
 def run(*args):

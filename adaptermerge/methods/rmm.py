@@ -25,6 +25,7 @@ recovered less, so it is not offered.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -33,7 +34,7 @@ import torch
 
 from ..adapter import Adapter, AdapterMetadata, check_compatible, module_union
 from ..bundle import BundleModule, FactorBasis, ReversibleBundle
-from ..errors import IncompatibleAdaptersError, InvalidParameterError
+from ..errors import AdapterMergeWarning, IncompatibleAdaptersError, InvalidParameterError
 from ..lowrank import COMPUTE_DTYPE, LowRank, inner
 from ._registry import register_method
 
@@ -41,6 +42,7 @@ __all__ = ["RmmParams", "position_basis", "rmm", "rmm_module", "shared_basis"]
 
 Coefficients = Literal["position", "layer"]
 _RTOL = 1e-12
+_SIZES = ("num_parameters", "separate_parameters")
 
 
 @dataclass(frozen=True)
@@ -192,4 +194,15 @@ def rmm(adapters: Sequence[Adapter], weights: Sequence[float], params: RmmParams
         dtype=first.dtype,
         extra={**first.extra, "provenance": provenance},
     )
-    return ReversibleBundle(bundle_modules, tuple(names), tuple(weights), k, metadata)
+    bundle = ReversibleBundle(bundle_modules, tuple(names), tuple(weights), k, metadata)
+    stored, separate = (sum(getattr(m, f) for m in bundle_modules.values()) for f in _SIZES)
+    if k < T and stored >= separate:
+        warnings.warn(
+            f"rmm: the {params.coefficients!r} bundle with basis_size {k} stores {stored:,} numbers, not fewer than "
+            f"the {T} separate adapters' {separate:,} (per-position coefficients cost k·(r + T) a row or column: "
+            "compact only while k < r·T / (r + T)); pass a smaller --basis-size, or --coefficients layer (k basis "
+            "adapters, compact for every k < T)",
+            AdapterMergeWarning,
+            stacklevel=2,
+        )
+    return bundle
