@@ -42,7 +42,6 @@ __all__ = ["RmmParams", "position_basis", "rmm", "rmm_module", "shared_basis"]
 
 Coefficients = Literal["position", "layer"]
 _RTOL = 1e-12
-_SIZES = ("num_parameters", "separate_parameters")
 
 
 @dataclass(frozen=True)
@@ -195,7 +194,8 @@ def rmm(adapters: Sequence[Adapter], weights: Sequence[float], params: RmmParams
         extra={**first.extra, "provenance": provenance},
     )
     bundle = ReversibleBundle(bundle_modules, tuple(names), tuple(weights), k, metadata)
-    stored, separate = (sum(getattr(m, f) for m in bundle_modules.values()) for f in _SIZES)
+    storage = bundle.storage()
+    stored, separate = storage["bundle_parameters"], storage["separate_parameters"]
     if k < T and stored >= separate:
         warnings.warn(
             f"rmm: the {params.coefficients!r} bundle with basis_size {k} stores {stored:,} numbers, not fewer than "
