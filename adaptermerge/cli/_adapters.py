@@ -17,6 +17,7 @@ from ._options import (
     allow_pickle_option,
     dtype_option,
     format_option,
+    json_option,
     method_options,
     output_format_option,
     overwrite_option,
@@ -154,7 +155,7 @@ def describe(path: str, *, allow_pickle: bool = False, skip_unknown: bool = Fals
 
 @click.command()
 @click.argument("path")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON for machines instead of a table.")
+@json_option
 @allow_pickle_option
 @skip_unknown_option
 def inspect(path: str, as_json: bool, allow_pickle: bool, skip_unknown: bool) -> None:
@@ -236,7 +237,7 @@ def convert(
 
 
 @click.command()
-@click.option("--json", "as_json", is_flag=True, help="Print JSON for machines instead of a table.")
+@json_option
 def methods(as_json: bool) -> None:
     """List the merge methods with their parameters and papers."""
     catalog = load_catalog()

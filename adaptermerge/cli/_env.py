@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import json
-
 import click
 
 from ..versions import report
+from ._console import print_json
+from ._options import json_option
 
 __all__ = ["COMMANDS"]
 
 
 @click.command("env")
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON object instead of the list.")
+@json_option
 def env(as_json: bool) -> None:
     """Print the versions that matter (Python, torch, peft, transformers, diffusers, ...) to paste into an issue.
 
@@ -22,8 +22,7 @@ def env(as_json: bool) -> None:
     """
     facts = report()
     if as_json:
-        click.echo(json.dumps(facts, indent=2))
-        return
+        return print_json(facts)
     width = max(map(len, facts))
     for name, value in facts.items():
         click.echo(f"- {name + ':':<{width + 1}} {value}")
